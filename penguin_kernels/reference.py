@@ -74,7 +74,7 @@ def rope_positions(grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> tuple
     device = grid_sizes.device
     positions = []
     seqlens = []
-    for (t, h, w), m in zip(grid_sizes.tolist(), merge_sizes.tolist()):
+    for (t, h, w), m in zip(grid_sizes.tolist(), merge_sizes.tolist(), strict=True):
         rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
         cols = torch.arange(w, device=device).view(1, w).expand(h, w)
         pos = torch.stack([rows, cols], dim=-1)  # [h, w, 2] raster order
@@ -139,7 +139,7 @@ def varlen_attention(
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    lengths = [e - b for b, e in zip(bounds[:-1], bounds[1:])]
+    lengths = [e - b for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
     i = 0
     while i < len(lengths):
         j = i

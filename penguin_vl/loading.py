@@ -1,0 +1,223 @@
+"""Checkpoint I/O: safetensors only (nothing is ever unpickled).
+
+A checkpoint directory holds ``config.json`` and either one ``*.safetensors`` file or shards listed in
+``model.safetensors.index.json``. The encoder's tensors may sit behind a prefix (a full Penguin-VL
+checkpoint nests them, e.g. ``model.vision_encoder.``); the prefix is found from the tensor names, and
+only the tensors the encoder (and projector) need are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
+
+if TYPE_CHECKING:
+    from penguin_vl.model import PenguinEncoder
+
+__all__ = ["load_encoder", "save_encoder", "checkpoint_files", "CheckpointError"]
+
+_ANCHOR = "embeddings.patch_embedding.weight"
+_PROJECTOR_ANCHOR = "vision_projector.readout.0.weight"
+_PROJECTOR_NAMES = ("readout.0.weight", "readout.0.bias", "readout.2.weight", "readout.2.bias")
+# Buffers some exporters write beside the weights; they carry nothing the encoder needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the encoder: missing, unexpected or mis-shaped tensors."""
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name of the checkpoint in ``path`` to the safetensors file holding it."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' in the index")
+        files = {name: path / file for name, file in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that do not exist: {absent}")
+        return files
+    single = path / "model.safetensors"
+    candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if not candidates:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    if len(candidates) > 1:
+        raise CheckpointError(f"several safetensors files and no index in {path}: {[c.name for c in candidates]}")
+    with safe_open(candidates[0], framework="pt") as f:
+        return {name: candidates[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+
+
+def _find_prefix(names: list[str], anchor: str, what: str) -> str | None:
+    prefixes = sorted({n[: -len(anchor)] for n in names if n == anchor or n.endswith("." + anchor)})
+    if len(prefixes) > 1:
+        raise CheckpointError(f"several {what}s in the checkpoint, under prefixes {prefixes}")
+    return prefixes[0] if prefixes else None
+
+
+def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_encoder(
+    cls: type[PenguinEncoder],
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    backend: str,
+    load_projector: bool,
+) -> PenguinEncoder:
+    path = Path(path)
+    if dtype is not None and dtype not in _DTYPES:
+        raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    config = PenguinEncoderConfig.from_pretrained(path)
+    files = checkpoint_files(path)
+    names = list(files)
+    prefix = _find_prefix(names, _ANCHOR, "vision encoder")
+    if prefix is None:
+        raise CheckpointError(f"{path}: no '{_ANCHOR}' tensor; not a Penguin-VL encoder checkpoint")
+    proj_prefix = _find_prefix(names, _PROJECTOR_ANCHOR, "projector") if load_projector else None
+    if proj_prefix is not None:
+        proj_prefix += "vision_projector."
+
+    wanted: dict[str, str] = {}  # model name -> checkpoint name
+    for name in names:
+        if name.startswith(prefix) and not name.endswith(_IGNORED_SUFFIXES) and ".vision_projector." not in "." + name:
+            wanted[name[len(prefix) :]] = name
+    projector = None
+    if proj_prefix is not None:
+        for suffix in _PROJECTOR_NAMES:
+            wanted["projector." + suffix] = proj_prefix + suffix
+        missing_proj = [proj_prefix + s for s in _PROJECTOR_NAMES if proj_prefix + s not in files]
+        if missing_proj:
+            raise CheckpointError(f"{path}: projector tensors missing: {missing_proj}")
+        out_dim, in_dim = _tensor_shape(files, proj_prefix + "readout.0.weight")
+        projector = ProjectorConfig(in_dim=in_dim, out_dim=out_dim)
+
+    with torch.device("meta"):
+        model = cls(config, projector)
+    expected = _expected_shapes(model)
+    missing = sorted(set(expected) - set(wanted))
+    unexpected = sorted(wanted[k] for k in set(wanted) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {[_ckpt_name(k, prefix, proj_prefix) for k in missing]}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+
+    state = _read_tensors(files, wanted, expected, device)
+    stored = {t.dtype for t in state.values()}
+    target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
+    if target not in _DTYPES:
+        raise CheckpointError(f"{path}: tensors are stored as {target}; pass dtype= one of {_DTYPES}")
+    state = {k: v.to(target) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().set_backend(backend)
+
+
+def _ckpt_name(model_name: str, prefix: str, proj_prefix: str | None) -> str:
+    if model_name.startswith("projector."):
+        return (proj_prefix or "vision_projector.") + model_name[len("projector.") :]
+    return prefix + model_name
+
+
+def _tensor_shape(files: dict[str, Path], name: str) -> tuple[int, ...]:
+    with safe_open(files[name], framework="pt") as f:
+        return tuple(f.get_slice(name).get_shape())
+
+
+def _read_tensors(
+    files: dict[str, Path],
+    wanted: dict[str, str],
+    expected: dict[str, tuple[int, ...]],
+    device: torch.device | str | None,
+) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for model_name, ckpt_name in wanted.items():
+        by_file.setdefault(files[ckpt_name], []).append(model_name)
+    state: dict[str, torch.Tensor] = {}
+    misshaped = []
+    target = str(torch.device(device)) if device is not None else "cpu"
+    for file, model_names in by_file.items():
+        with safe_open(file, framework="pt", device=target) as f:
+            for model_name in model_names:
+                ckpt_name = wanted[model_name]
+                shape = tuple(f.get_slice(ckpt_name).get_shape())
+                if shape != expected[model_name]:
+                    misshaped.append(f"{ckpt_name}: {list(shape)}, expected {list(expected[model_name])}")
+                    continue
+                state[model_name] = f.get_tensor(ckpt_name)
+    if misshaped:
+        raise CheckpointError("mis-shaped tensors: " + "; ".join(misshaped))
+    return state
+
+
+def save_encoder(
+    model: PenguinEncoder,
+    path: str | Path,
+    *,
+    prefix: str = "",
+    projector_prefix: str = "vision_projector.",
+    max_shard_bytes: int | None = None,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write ``config.json`` and safetensors weights for ``model`` into directory ``path``.
+
+    ``prefix`` puts the encoder's tensors behind a prefix as a full Penguin-VL checkpoint does (then the
+    encoder config is nested under ``vision_encoder_config``); ``max_shard_bytes`` splits the weights into
+    shards with a ``model.safetensors.index.json``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    encoder_cfg = model.config.to_dict()
+    encoder_cfg.update(extra_config or {})
+    encoder_cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config = {"vision_encoder_config": encoder_cfg, "model_type": "penguinvl"} if prefix else encoder_cfg
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("projector."):
+            base = prefix.rsplit("vision_encoder.", 1)[0] if "vision_encoder." in prefix else prefix
+            tensors[base + projector_prefix + name[len("projector.") :]] = t.contiguous()
+        else:
+            tensors[prefix + name] = t.contiguous()
+    if max_shard_bytes is None:
+        save_file(tensors, path / "model.safetensors")
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": weight_map,
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path

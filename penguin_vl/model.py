@@ -1,0 +1,278 @@
+"""The Penguin-VL vision encoder (and projector), read top to bottom.
+
+A Qwen3 transformer made bidirectional: patch embedding -> L x (RMSNorm, GQA attention with per-head
+q/k RMSNorm and a 2D rotary, RMSNorm, SwiGLU MLP) -> RMSNorm -> per-frame merge of m x m patches.
+A batch is packed: ``pixel_values`` holds every patch of every item, frame after frame, and attention
+runs within each frame only (``cu_seqlens``). The exact computation is the plain-PyTorch path below
+(``backend="torch"``); ``backend="triton"`` runs the same math through ``penguin_kernels``.
+
+Module and parameter names mirror the checkpoint's tensor names, so a state dict loads as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from penguin_kernels import reference as ref
+from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
+
+__all__ = ["PenguinEncoder", "PenguinProjector", "merge_tokens", "check_grid"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PenguinEncoderConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.theta, self.eps = c.rope_theta, c.rms_norm_eps
+        self.q_proj = nn.Linear(c.hidden_size, c.q_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.q_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = ref.qk_norm_rope_2d(
+            q, k, self.q_norm.weight, self.k_norm.weight, positions, theta=self.theta, eps=self.eps
+        )
+        a = ref.varlen_attention(q, k, v, cu_seqlens)
+        return self.o_proj(a.reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PenguinEncoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: PenguinEncoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, config: PenguinEncoderConfig) -> None:
+        super().__init__()
+        p = config.patch_size
+        # A Conv2d with kernel = stride = p over one p x p patch is a linear map of the flattened patch.
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, p, stride=p)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        w = self.patch_embedding.weight
+        return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: PenguinEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class PenguinProjector(nn.Module):
+    """``readout.2(gelu(readout.0(x)))``: Penguin-VL's vision projector, erf GELU."""
+
+    def __init__(self, config: ProjectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.readout = nn.Sequential(
+            nn.Linear(config.in_dim, config.out_dim),
+            nn.GELU(),
+            nn.Linear(config.out_dim, config.out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        l1, l2 = self.readout[0], self.readout[2]
+        return ref.projector_mlp(x, l1.weight, l1.bias, l2.weight, l2.bias)
+
+
+def check_grid(
+    pixel_values: torch.Tensor, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor, patch_dim: int
+) -> list[tuple[int, int, int, int]]:
+    """Validate a packed batch; returns ``(t, h, w, m)`` per item (one host read of the grid)."""
+    if pixel_values.dim() != 2 or pixel_values.shape[1] != patch_dim:
+        raise ValueError(f"pixel_values must be [N, {patch_dim}], got {tuple(pixel_values.shape)}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+    if grid_sizes.dim() != 2 or grid_sizes.shape[1] != 3:
+        raise ValueError(f"grid_sizes must be [B, 3] (t, h, w), got {tuple(grid_sizes.shape)}")
+    if merge_sizes.shape != (grid_sizes.shape[0],):
+        raise ValueError(f"merge_sizes must be [B] = [{grid_sizes.shape[0]}], got {tuple(merge_sizes.shape)}")
+    for name, t in (("grid_sizes", grid_sizes), ("merge_sizes", merge_sizes)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    items = [(t, h, w, m) for (t, h, w), m in zip(grid_sizes.tolist(), merge_sizes.tolist(), strict=True)]
+    for i, (t, h, w, m) in enumerate(items):
+        if min(t, h, w, m) < 1:
+            raise ValueError(f"item {i}: grid (t, h, w) = {(t, h, w)} and merge {m} must be positive")
+        if h % m or w % m:
+            raise ValueError(f"item {i}: grid h x w = {h} x {w} is not divisible by the merge size {m}")
+    n = sum(t * h * w for t, h, w, _ in items)
+    if n != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but the grids hold {n} patches")
+    return items
+
+
+def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """Per frame, resize the (h, w) token grid to (h/m, w/m): bilinear, align_corners=False.
+
+    ``x`` is ``[N, D]`` in merge-block order. For m = 1 this is the identity and for m = 2 the mean of
+    each 2 x 2 block, which in block order is each run of 4 consecutive rows.
+    """
+    out = []
+    start = 0
+    for t, h, w, m in items:
+        n = t * h * w
+        xi = x[start : start + n]
+        start += n
+        if m == 1:
+            out.append(xi)
+        elif m == 2:
+            out.append(xi.view(-1, 4, xi.shape[-1]).mean(dim=1))
+        else:
+            d = xi.shape[-1]
+            grid = xi.view(t, h // m, w // m, m, m, d).permute(0, 5, 1, 3, 2, 4).reshape(t, d, h, w)
+            small = F.interpolate(grid, size=(h // m, w // m), mode="bilinear", align_corners=False)
+            out.append(small.permute(0, 2, 3, 1).reshape(-1, d))
+    return torch.cat(out) if len(out) != 1 else out[0]
+
+
+class PenguinEncoder(nn.Module):
+    """The Penguin-VL vision encoder on packed batches.
+
+    ``forward(pixel_values [N, C*p*p], grid_sizes [B, 3], merge_sizes [B])`` returns the merged features
+    ``[sum t*(h/m)*(w/m), hidden]``; with ``project=True`` they go through the projector as well.
+    """
+
+    def __init__(self, config: PenguinEncoderConfig, projector: ProjectorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = PatchEmbedding(config)
+        self.encoder = Encoder(config)
+        self.projector = PenguinProjector(projector) if projector is not None else None
+        self.backend = "torch"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        load_projector: bool = True,
+    ) -> PenguinEncoder:
+        """Load a standalone encoder or the encoder (and projector) of a full Penguin-VL checkpoint.
+
+        ``path`` is a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
+        ``model.safetensors.index.json``). ``dtype`` defaults to the stored one. ``backend``: ``"torch"``
+        (plain PyTorch, any device), ``"triton"`` (Triton kernels, CUDA) or ``"auto"`` (Triton on CUDA,
+        else torch).
+        """
+        from penguin_vl.loading import load_encoder
+
+        return load_encoder(cls, path, dtype=dtype, device=device, backend=backend, load_projector=load_projector)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PenguinEncoderConfig,
+        *,
+        projector: ProjectorConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        seed: int = 0,
+    ) -> PenguinEncoder:
+        """A randomly initialised encoder (norm weights near 1, small linear weights): for tests and benchmarks."""
+        gen = torch.Generator().manual_seed(seed)
+        model = cls(config, projector)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                elif name.endswith("bias"):
+                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+                else:
+                    fan_in = p[0].numel()
+                    p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+        return model.to(device=device, dtype=dtype).set_backend(backend)
+
+    def set_backend(self, backend: str) -> PenguinEncoder:
+        """Select the execution path (see :meth:`from_pretrained`); returns ``self``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = "triton" if self.embeddings.patch_embedding.weight.is_cuda else "torch"
+        if backend == "triton":
+            from penguin_vl.fast import prepare_triton
+
+            prepare_triton(self)
+        self.backend = backend
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.patch_embedding.weight.device
+
+    @torch.no_grad()
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_sizes: torch.Tensor,
+        merge_sizes: torch.Tensor,
+        *,
+        project: bool = False,
+    ) -> torch.Tensor:
+        if project and self.projector is None:
+            raise ValueError("project=True needs a projector: load a full Penguin-VL checkpoint")
+        items = check_grid(pixel_values, grid_sizes, merge_sizes, self.config.patch_dim)
+        pixel_values = pixel_values.to(device=self.device)
+        if self.backend == "triton":
+            from penguin_vl.fast import forward_triton
+
+            return forward_triton(self, pixel_values, grid_sizes, merge_sizes, items, project=project)
+        x = self.embeddings(pixel_values)
+        positions, cu_seqlens = ref.rope_positions(grid_sizes.to(self.device), merge_sizes.to(self.device))
+        for layer in self.encoder.layers:
+            x = layer(x, positions, cu_seqlens)
+        x = merge_tokens(self.encoder.norm(x), items)
+        return self.projector(x) if project else x
