@@ -11,6 +11,7 @@ Module and parameter names mirror the checkpoint's tensor names, so a state dict
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -239,6 +240,11 @@ class PenguinEncoder(nn.Module):
         if backend == "auto":
             backend = "triton" if self.embeddings.patch_embedding.weight.is_cuda else "torch"
         if backend == "triton":
+            if not self.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(
+                    f"backend='triton' needs a CUDA model (this one is on {self.device}); set "
+                    "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's CPU interpreter"
+                )
             from penguin_vl.fast import prepare_triton
 
             prepare_triton(self)

@@ -1,0 +1,19 @@
+.PHONY: test lint format bench bench-gpu inspect
+
+test:
+	python -m pytest
+
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff format .
+	ruff check --fix .
+
+bench:
+	python -m pytest bench --benchmark-only
+
+inspect:
+	python -m penguin_kernels.inspect --arch 90
+	python -m penguin_kernels.inspect --arch 80
