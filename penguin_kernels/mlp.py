@@ -1,0 +1,128 @@
+"""The encoder's SwiGLU MLP and Penguin-VL's projector, each as two epilogue-fused GEMMs.
+
+::
+
+    swiglu_mlp(x)    = (silu(x Wg^T) * (x Wu^T)) Wd^T + residual      gate/up GEMM, SwiGLU epilogue;
+                                                                     down GEMM, residual epilogue
+    projector_mlp(x) = gelu(x W1^T + b1) W2^T + b2                    GEMM, bias + erf GELU epilogue;
+                                                                     GEMM, bias epilogue
+
+Both GEMMs are :func:`penguin_kernels.gemm.launch_gemm`; only the ``[M, I]`` (or ``[M, H]``)
+intermediate is written, once, in the activation dtype.
+
+Performance design (H100 SXM, bf16: ~990 TFLOP/s dense peak, ~700 sustained by good GEMMs, 3.35 TB/s):
+
+* SwiGLU MLP, 1024 -> 2 x 3072 -> 1024: 18.9 MFLOP per token, 27 ns at 700 TFLOP/s. The unfused
+  chain also writes the ``[M, 6144]`` gate/up output and runs silu, multiply and residual-add passes:
+  ~54 KiB per token of extra traffic (16 ns at 3.35 TB/s) and three launches, against 12 KiB
+  (h written and read back) plus the 2 KiB residual read here. At GEMM parity with cuBLAS that
+  is ~1.4x; the 1.15x target leaves room for GEMMs ~20% slower than cuBLAS.
+* Projector, 1024 -> 2048 -> 2048 (Penguin-VL-2B): 12.6 MFLOP per token (18 ns); the unfused chain
+  differs only by a separate GELU pass over ``[M, 2048]`` (8 KiB per token, 2.4 ns), since cuBLAS
+  adds the biases in its own epilogue. The fusion can gain at most ~13% (~8% for 1024 -> 4096 ->
+  4096, 42 MFLOP and 16 KiB per token), so beating the chain by more than that needs GEMMs faster
+  than cuBLAS.
+* A single kernel for both projector GEMMs that keeps ``h`` on chip cannot win at these widths.
+  A program would own a ``[BM, 2048]`` float32 output accumulator: 512 KiB at ``BM = 64`` (the
+  smallest Hopper wgmma tile height), twice the 256 KiB register file and more than the 228 KiB
+  of shared memory of an SM. Splitting the output columns into ``BN2``-wide programs fits, but each
+  program must recompute all of ``h``: the first GEMM's 4.2 MFLOP per token runs ``2048 / BN2``
+  times, 8x at ``BN2 = 256``, for 41.9 MFLOP per token, 3.3x the two-GEMM work (4x for 8B: 168
+  against 42 MFLOP). Keeping ``h`` in shared memory instead needs ``BM x 2048`` bf16 = 256 KiB at
+  ``BM = 64``, again over the limit (and Triton cannot pin a tile in shared memory across loop
+  iterations). The round trip it would save is the 8 KiB per token above, at most 13% of the time
+  and mostly hidden under the MMAs of two compute-bound GEMMs; the recompute costs 230% or more.
+  So the projector ships as two GEMMs, with no switch for a variant that only loses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from penguin_kernels._checks import check_inference
+from penguin_kernels._compile import CompileCase
+from penguin_kernels.gemm import check_bias, check_input, check_residual, check_weight, launch_gemm
+
+__all__ = ["swiglu_mlp", "projector_mlp", "compile_cases"]
+
+
+@triton_op("penguin::swiglu_mlp", mutates_args=())
+def _swiglu_mlp_op(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None
+) -> torch.Tensor:
+    rows = x.view(-1, x.shape[-1])
+    h = launch_gemm(rows, w_gate_up, None, None, swiglu=True)
+    res = None if residual is None else residual.view(-1, residual.shape[-1])
+    y = launch_gemm(h, w_down, None, res)
+    return y.view(*x.shape[:-1], w_down.shape[0])
+
+
+@triton_op("penguin::projector_mlp", mutates_args=())
+def _projector_mlp_op(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    h = launch_gemm(x.view(-1, x.shape[-1]), w1, b1, None, gelu=True)
+    y = launch_gemm(h, w2, b2, None)
+    return y.view(*x.shape[:-1], w2.shape[0])
+
+
+def _check_gate_up(w_gate_up: object, x: torch.Tensor) -> int:
+    check_weight(w_gate_up, "w_gate_up", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
+    if w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must stack gate and up rows [2I, D]; got {w_gate_up.shape[0]} rows")
+    return w_gate_up.shape[0] // 2
+
+
+def swiglu_mlp(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(silu(x Wg^T) * (x Wu^T)) Wd^T (+ residual)`` in two kernels.
+
+    Args:
+        x: ``[..., D]`` float16/bfloat16/float32, contiguous in the last dim (row slices allowed).
+        w_gate_up: ``[2I, D]`` = ``cat([Wg, Wu])``.
+        w_down: ``[D_out, I]``.
+        residual: optional ``[..., D_out]``, added in the down projection's epilogue.
+
+    Returns:
+        ``[..., D_out]`` in the dtype of ``x``. The ``[..., I]`` SwiGLU product is the only
+        intermediate, rounded once to the dtype of ``x``.
+    """
+    check_input(x)
+    inter = _check_gate_up(w_gate_up, x)
+    check_weight(w_down, "w_down", x, inter, f"the SwiGLU product (I = {inter})")
+    if residual is not None:
+        check_residual(residual, x, (*x.shape[:-1], w_down.shape[0]))
+    check_inference(x=x, w_gate_up=w_gate_up, w_down=w_down, residual=residual)
+    return _swiglu_mlp_op(x, w_gate_up, w_down, residual)
+
+
+def projector_mlp(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """Penguin-VL's projector ``gelu(x W1^T + b1) W2^T + b2`` (exact erf GELU) in two kernels.
+
+    Args:
+        x: ``[..., D]`` float16/bfloat16/float32 encoder features, contiguous in the last dim.
+        w1: ``[H, D]``, b1: ``[H]``; w2: ``[H_out, H]``, b2: ``[H_out]`` (``D = 1024``,
+            ``H = H_out = 2048`` for Penguin-VL-2B, 4096 for 8B).
+
+    Returns:
+        ``[..., H_out]`` in the dtype of ``x``; ``gelu(x W1^T + b1)`` is rounded once to that dtype.
+    """
+    check_input(x)
+    check_weight(w1, "w1", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
+    check_bias(b1, "b1", x, w1.shape[0])
+    check_weight(w2, "w2", x, w1.shape[0], "w1 (its out_features)")
+    check_bias(b2, "b2", x, w2.shape[0])
+    check_inference(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    return _projector_mlp_op(x, w1, b1, w2, b2)
+
+
+def compile_cases(arch: int) -> list[CompileCase]:
+    """The MLPs launch only :func:`penguin_kernels.gemm._gemm_kernel`, whose cases cover every config."""
+    return []
