@@ -5,5 +5,22 @@ Every public function validates its inputs before launching and has a plain-PyTo
 """
 
 from penguin_kernels import reference
+from penguin_kernels.attention import varlen_attention, varlen_attention_op
+from penguin_kernels.gemm import gate_up_swiglu, linear
+from penguin_kernels.mlp import projector_mlp, swiglu_mlp
+from penguin_kernels.norm import rms_norm, rms_norm_residual
+from penguin_kernels.rope import qk_norm_rope_2d, rope_positions
 
-__all__ = ["reference"]
+__all__ = [
+    "reference",
+    "varlen_attention",
+    "varlen_attention_op",
+    "linear",
+    "gate_up_swiglu",
+    "swiglu_mlp",
+    "projector_mlp",
+    "rms_norm",
+    "rms_norm_residual",
+    "qk_norm_rope_2d",
+    "rope_positions",
+]
