@@ -307,9 +307,13 @@ _CONFIGS = {
     ("ampere", 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
 }
 # float32 runs IEEE dots on CUDA cores, for parity runs rather than speed. Triton's FMA dot keeps
-# whole rows of its operands in each thread: one dot over head_dim 128 spills at any tile size,
-# 8-column chunks do not (sm_90 and sm_80, both head dims).
-_FP32_CONFIG = _C(block_m=64, block_n=16, num_warps=8, num_stages=1, max_pack=4, head_chunk=8)
+# whole rows of its operands in each thread: one dot over head_dim 128 spills at any tile size, so
+# q k^T is split into head_chunk-column dots. 16 is triton 3.6's smallest dot K; at 16, hd 64 spills
+# on sm_80 (triton 3.9), and at 32 hd 128 does: hence a chunk per head dim.
+_FP32_CONFIGS = {
+    64: _C(block_m=64, block_n=16, num_warps=8, num_stages=1, max_pack=4, head_chunk=32),
+    128: _C(block_m=64, block_n=16, num_warps=8, num_stages=1, max_pack=4, head_chunk=16),
+}
 # Interpreter: small tiles keep the CPU tests fast yet cover several key blocks, a tail and packing;
 # float32 there runs the chunked path that float32 takes on a GPU.
 _INTERPRETER_CONFIG = _C(block_m=32, block_n=16, num_warps=4, num_stages=1, max_pack=8)
@@ -333,7 +337,7 @@ def select_config(
     if capability is None:
         return _INTERPRETER_FP32_CONFIG if dtype == torch.float32 else _INTERPRETER_CONFIG
     if dtype == torch.float32:
-        return _FP32_CONFIG
+        return _FP32_CONFIGS[head_dim]
     return _CONFIGS[_family(capability), head_dim, max_seqlen <= _SHORT_SEQLEN]
 
 
