@@ -17,3 +17,6 @@ bench:
 inspect:
 	python -m penguin_kernels.inspect --arch 90
 	python -m penguin_kernels.inspect --arch 80
+
+bench-gpu:
+	PYTHONPATH=. python -m bench.gpu_suite

@@ -37,24 +37,47 @@ def encoders() -> dict[str, PenguinEncoder]:
     }
 
 
+def _peak_bytes(fn, args: tuple) -> int:
+    """Peak device memory one call allocates beyond what is already held (weights, inputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 @requires_cuda
 @pytest.mark.parametrize("name", list(WORKLOADS), ids=str)
 def test_encoder(benchmark, ceilings, encoders, name):
+    """Triton backend vs the eager reference and the reference under ``torch.compile``.
+
+    MFU is ``pct_peak_tflops``: the workload's FLOPs over the time, against the measured bf16 matmul
+    ceiling. Peak memory is what one forward allocates beyond the weights and inputs.
+    """
     workload = WORKLOADS[name]
-    x = make_inputs(workload, device="cuda", dtype=torch.bfloat16)
-    args = (x.pixel_values, x.grid_sizes, x.merge_sizes)
+    inputs = []
+    for seed in range(2):
+        x = make_inputs(workload, device="cuda", dtype=torch.bfloat16, seed=seed)
+        inputs.append((x.pixel_values, x.grid_sizes.cpu(), x.merge_sizes.cpu()))
+    reference = encoders["torch"]
+    compiled = torch.compile(reference)
     result = gpu_bench(
         benchmark,
         encoders["triton"],
-        [args],
+        inputs,
         ceilings=ceilings,
         flops=_flops(RELEASED, workload),
-        baselines={"torch": encoders["torch"]},
+        baselines={"torch_eager": reference, "torch_compile": compiled},
         warmup=2,
         info={"workload": workload.describe()},
     )
     if result is not None:
         benchmark.extra_info["tokens_per_s"] = workload.tokens / result.seconds
+        benchmark.extra_info["images_per_s"] = len(workload.grid_sizes) / result.seconds
+        benchmark.extra_info["mfu_pct"] = result.info.get("pct_peak_tflops")
+        for label, fn in (("triton", encoders["triton"]), ("torch_eager", reference), ("torch_compile", compiled)):
+            benchmark.extra_info[f"peak_mem_mib_{label}"] = _peak_bytes(fn, inputs[0]) / 2**20
 
 
 def test_reference_encoder_cpu(benchmark):
