@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import penguin_kernels as pk
 from penguin_kernels import reference
-from tests.utils import HAS_CUDA, assert_rel_close, device, kernel_dtypes, poison, requires_cuda
+from tests.utils import HAS_CUDA, assert_rel_close, device, kernel_dtypes, requires_cuda
 
 # Relative Frobenius error against the float32 reference on the same (rounded) inputs. The kernel
 # accumulates in float32 and rounds once, so the error is the output rounding: ~3e-4 rms in fp16
@@ -29,11 +29,7 @@ EPILOGUES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor allocated during a test starts as NaN, so an output element left unwritten fails."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def _inputs(m: int, k: int, n: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

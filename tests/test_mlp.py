@@ -7,7 +7,7 @@ import torch
 
 import penguin_kernels as pk
 from penguin_kernels import reference
-from tests.utils import assert_rel_close, device, kernel_dtypes, poison, rel_err, requires_cuda
+from tests.utils import assert_rel_close, device, kernel_dtypes, rel_err, requires_cuda
 
 # Relative Frobenius error against the float32 reference on the same (rounded) inputs. Each GEMM
 # rounds its output once and the intermediate's rounding passes through the second GEMM: measured
@@ -21,11 +21,7 @@ SWIGLU_SHAPES = {"m1": (1, 16, 24), "odd": (75, 48, 80), "encoder": (3, 1024, 30
 PROJECTOR_SHAPES = {"m1": (1, 16, 24), "odd": (75, 48, 80), "penguin-2b": (2, 1024, 2048)}
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor allocated during a test starts as NaN, so an output element left unwritten fails."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def _swiglu_inputs(m: int, d: int, inter: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,7 @@ import torch
 
 import penguin_kernels as pk
 from penguin_kernels import reference
-from tests.utils import assert_rel_close, device, kernel_dtypes, poison, requires_cuda
+from tests.utils import assert_rel_close, device, kernel_dtypes, requires_cuda
 
 # The kernel follows the reference's rounding step by step; only the order of the float32 sum of
 # squares differs (~1e-7 relative in 1/rms). In 16-bit that can flip the rounding of the normalised
@@ -26,11 +26,7 @@ SHAPES = {"1x1": (1, 1), "1x1024": (1, 1024), "7x1024": (7, 1024), "33x100": (33
 EPS = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor allocated during a test starts as NaN, so an output element left unwritten fails."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def _inputs(rows: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
