@@ -3,12 +3,15 @@
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
 from penguin_vl.loading import CheckpointError, save_encoder
 from penguin_vl.model import PenguinEncoder, PenguinProjector
+from penguin_vl.processor import ImageProcessor, ProcessorOutput
 
 __all__ = [
     "CheckpointError",
+    "ImageProcessor",
     "PenguinEncoder",
     "PenguinEncoderConfig",
     "PenguinProjector",
+    "ProcessorOutput",
     "ProjectorConfig",
     "save_encoder",
 ]

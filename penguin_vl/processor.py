@@ -1,0 +1,464 @@
+"""Image and video preprocessor of Penguin-VL (SPEC section 5), bit-exact with the reference and fast.
+
+The reference (``PenguinVLImageProcessor``) converts each image to RGB with PIL, resizes it with
+Pillow's BICUBIC to a size that fits the token budget, rescales it through float64, normalises it
+in float32 and cuts it into ``(C, p, p)`` patch rows in merge-block order (SPEC section 3). This
+module gives the same float32 bits. PIL still does the mode conversion (cheap next to the resize);
+the resize, rescale, normalisation and patch layout run as one fused pass per strip of rows
+(:mod:`penguin_vl._resize`), with no float64 pass and no full-size float copy besides the output.
+
+- :meth:`ImageProcessor.__call__` is the reference's ``preprocess`` call: a list is sized as one
+  clip, from its first image **(sic)**, with the TRA budget split between key and intermediate frames.
+- :meth:`ImageProcessor.batch` sizes every item on its own and packs them into one output.
+- :func:`reference_preprocess` is the slow reference pipeline, step by step in numpy and PIL, for tests
+  and benchmarks.
+
+Inputs: PIL images of any mode PIL converts to RGB, paths to image files, and uint8 arrays
+(numpy or torch) laid out ``[H, W, 3]``, or ``[T, H, W, 3]`` for a clip given as one item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from penguin_vl._resize import Normalisation, _Workspace, resize_to_patches
+
+__all__ = ["ImageProcessor", "ProcessorOutput", "reference_preprocess", "target_sizes"]
+
+_CONFIG_NAME = "preprocessor_config.json"
+# upstream keys of preprocessor_config.json that this processor reads; the rest are ignored
+_CONFIG_KEYS = (
+    "patch_size",
+    "min_tokens",
+    "max_tokens",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+    "resample",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+    "do_convert_rgb",
+)
+_RELEASED_MEAN = (0.5, 0.5, 0.5)
+_RELEASED_STD = (0.5, 0.5, 0.5)
+_CHANNELS = 3
+# what PIL raises on files it cannot identify or decode
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+ImageInput = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ProcessorOutput:
+    """Packed encoder inputs; also a mapping, so ``model(**out)`` and ``out["pixel_values"]`` work.
+
+    ``pixel_values`` float32 ``[N, C * p * p]``, ``grid_sizes`` int64 ``[B, 3]`` (t, h, w in
+    patches), ``merge_sizes`` int64 ``[B]``.
+    """
+
+    pixel_values: torch.Tensor
+    grid_sizes: torch.Tensor
+    merge_sizes: torch.Tensor
+
+    def keys(self) -> tuple[str, ...]:
+        return ("pixel_values", "grid_sizes", "merge_sizes")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def target_sizes(
+    height: int,
+    width: int,
+    frame_types: Sequence[int],
+    factor: int,
+    min_tokens: int,
+    max_tokens: int,
+) -> list[tuple[int, int]]:
+    """Pixel size ``(H, W)`` of every item of a list whose first image is ``height x width`` (SPEC 5.1).
+
+    ``frame_types[i]`` is 0 for a key frame, 1 for an intermediate one; both sides are multiples of
+    ``factor`` (patch size times merge size). Follows the reference's float arithmetic step by step.
+    """
+    min_pixels = min_tokens * factor * factor * 1.5
+    max_pixels = max_tokens * factor * factor * 0.95
+    ratio = height / width
+    raw_area = height * width
+    n_inter = sum(1 for f in frame_types if f == 1)
+    n_key = len(frame_types) - n_inter
+    key_area: float = raw_area
+    inter_area: float = raw_area
+    if len(frame_types) * raw_area > max_pixels:
+        key_area = max_pixels / (n_key + n_inter / 16.0)
+        inter_area = key_area / 16.0
+        if not inter_area >= min_pixels:
+            if n_key == 0:
+                raise ValueError(
+                    f"frame_types has no key frame and {n_inter} intermediate frames at the minimum of "
+                    f"{min_tokens} tokens already exceed max_tokens={max_tokens}: the budget cannot be split"
+                )
+            inter_area = min_pixels
+            key_area = (max_pixels - n_inter * min_pixels) / n_key
+        if key_area < min_pixels:
+            key_area = min_pixels
+
+    def fit(area: float) -> tuple[int, int]:
+        w = math.sqrt(area / ratio)
+        h = w * ratio
+        h_bar = max(round(h / factor) * factor, factor)
+        w_bar = max(round(w / factor) * factor, factor)
+        if h_bar * w_bar < min_pixels:
+            w = math.sqrt(min_pixels / ratio)
+            h = w * ratio
+            h_bar = math.ceil(h / factor) * factor
+            w_bar = math.ceil(w / factor) * factor
+        return h_bar, w_bar
+
+    key = fit(key_area)
+    inter = fit(inter_area) if n_inter else key
+    return [inter if f == 1 else key for f in frame_types]
+
+
+def _per_channel(value: Any, name: str) -> tuple[float, ...]:
+    values = (value,) * _CHANNELS if isinstance(value, (int, float)) else tuple(value)
+    if len(values) != _CHANNELS or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be one finite number or {_CHANNELS} of them, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bicubic(resample: Any) -> None:
+    bicubic = int(Image.Resampling.BICUBIC)
+    ok = resample == bicubic if not isinstance(resample, str) else resample.lower() == "bicubic"
+    if isinstance(resample, bool) or not ok:
+        raise ValueError(f"resample must be BICUBIC ({bicubic} or 'bicubic'), got {resample!r}")
+
+
+@dataclass
+class _Item:
+    """One input: where it came from (for errors), its size, its frame count and how to read its pixels."""
+
+    where: str
+    height: int
+    width: int
+    frames: int
+    read: Callable[[], np.ndarray]  # uint8 [H, W, 3] or [T, H, W, 3]
+
+
+def _pil_pixels(image: Image.Image, where: str) -> np.ndarray:
+    try:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return np.asarray(rgb)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{where}: cannot read the image as RGB ({e})") from e
+
+
+def _path_item(path: str | os.PathLike, where: str) -> _Item:
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no such file {os.fspath(path)!r}") from None
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{where}: cannot open {os.fspath(path)!r} as an image ({e})") from e
+
+    def read() -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return _pil_pixels(image, where)
+        except _DECODE_ERRORS as e:
+            raise ValueError(f"{where}: cannot decode {os.fspath(path)!r} ({e})") from e
+
+    return _Item(where, height, width, 1, read)
+
+
+def _array_item(array: np.ndarray, where: str, allow_clip: bool, parity: bool) -> _Item:
+    if array.dtype != np.uint8:
+        raise TypeError(f"{where}: arrays must be uint8 (values 0..255), got {array.dtype}")
+    if array.ndim not in ((3, 4) if allow_clip else (3,)):
+        layout = "[H, W, 3] or a clip [T, H, W, 3]" if allow_clip else "[H, W, 3]"
+        raise ValueError(f"{where}: arrays must be {layout}, got shape {list(array.shape)}")
+    if array.shape[-1] != _CHANNELS:
+        raise ValueError(f"{where}: expected {_CHANNELS} channels (RGB, channels last), got shape {list(array.shape)}")
+    if 0 in array.shape:
+        raise ValueError(f"{where}: empty image, shape {list(array.shape)}")
+    if parity and array.shape[-3] in (1, 3):
+        # the reference guesses the layout and reads a height of 1 or 3 as a channel axis
+        raise ValueError(
+            f"{where}: an array of height {array.shape[-3]} is ambiguous to the reference (it would read it "
+            "as channels-first); pass a PIL image, or use ImageProcessor.batch"
+        )
+    frames = array.shape[0] if array.ndim == 4 else 1
+    return _Item(where, array.shape[-3], array.shape[-2], frames, lambda: array)
+
+
+def _item(value: ImageInput, where: str, allow_clip: bool, parity: bool) -> _Item:
+    if isinstance(value, Image.Image):
+        width, height = value.size
+        if width == 0 or height == 0:
+            raise ValueError(f"{where}: empty image ({width} x {height})")
+        return _Item(where, height, width, 1, lambda: _pil_pixels(value, where))
+    if isinstance(value, (str, os.PathLike)):
+        item = _path_item(value, where)
+        if item.width == 0 or item.height == 0:
+            raise ValueError(f"{where}: empty image ({item.width} x {item.height})")
+        return item
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.uint8:
+            raise TypeError(f"{where}: tensors must be uint8 (values 0..255), got {value.dtype}")
+        return _array_item(value.detach().cpu().numpy(), where, allow_clip, parity)
+    if isinstance(value, np.ndarray):
+        return _array_item(value, where, allow_clip, parity)
+    raise TypeError(
+        f"{where}: expected a PIL image, a path, or a uint8 numpy array or torch tensor, got {type(value).__name__}"
+    )
+
+
+def _frames(pixels: np.ndarray) -> Iterator[np.ndarray]:
+    if pixels.ndim == 3:
+        yield pixels
+    else:
+        yield from pixels
+
+
+class ImageProcessor:
+    """Penguin-VL's image and video preprocessor (SPEC section 5), bit-exact with the reference.
+
+    Settings use the upstream names and default to the released ones: ``patch_size`` 14,
+    ``min_tokens`` 16 and ``max_tokens`` 16384 (per image or frame, in ``patch_size``-pixel patches),
+    ``image_mean`` and ``image_std`` 0.5, ``rescale_factor`` 1/255, BICUBIC, RGB. ``do_rescale`` and
+    ``do_normalize`` may be switched off; ``do_resize`` and ``do_convert_rgb`` must stay on.
+    ``num_threads`` > 1 processes items (and frames) on a thread pool of that size.
+    """
+
+    def __init__(
+        self,
+        *,
+        patch_size: int = 14,
+        min_tokens: int = 16,
+        max_tokens: int = 16384,
+        image_mean: float | Sequence[float] = _RELEASED_MEAN,
+        image_std: float | Sequence[float] = _RELEASED_STD,
+        rescale_factor: float = 1 / 255,
+        resample: int | str = "bicubic",
+        do_resize: bool = True,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        do_convert_rgb: bool = True,
+        num_threads: int = 1,
+    ):
+        self.patch_size = _positive_int(patch_size, "patch_size")
+        self.min_tokens = _positive_int(min_tokens, "min_tokens", minimum=0)
+        self.max_tokens = _positive_int(max_tokens, "max_tokens")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}: no size meets both budgets")
+        self.image_mean = _per_channel(image_mean, "image_mean")
+        self.image_std = _per_channel(image_std, "image_std")
+        if 0.0 in self.image_std:
+            raise ValueError(f"image_std must be nonzero, got {self.image_std}")
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)):
+            raise ValueError(f"rescale_factor must be a number, got {rescale_factor!r}")
+        if not (math.isfinite(rescale_factor) and rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be finite and positive, got {rescale_factor!r}")
+        self.rescale_factor = float(rescale_factor)
+        _check_bicubic(resample)
+        for name, value in (("do_resize", do_resize), ("do_convert_rgb", do_convert_rgb)):
+            if value is not True:
+                raise ValueError(f"{name}={value!r} is not supported: the encoder expects resized RGB images")
+        for name, value in (("do_rescale", do_rescale), ("do_normalize", do_normalize)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        self.do_rescale, self.do_normalize = do_rescale, do_normalize
+        self.num_threads = _positive_int(num_threads, "num_threads")
+        self._norm = Normalisation(
+            self.rescale_factor if do_rescale else 1.0,
+            self.image_mean if do_normalize else (0.0,) * _CHANNELS,
+            self.image_std if do_normalize else (1.0,) * _CHANNELS,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, num_threads: int = 1) -> ImageProcessor:
+        """Read ``preprocessor_config.json`` (upstream keys) from a checkpoint directory, or that file itself.
+
+        Missing keys take the released values; keys this processor does not use are ignored; the
+        values of the keys it uses are checked as in the constructor.
+        """
+        file = Path(path)
+        if file.is_dir():
+            file = file / _CONFIG_NAME
+        try:
+            config = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {_CONFIG_NAME} at {os.fspath(path)!r}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(file)!r} is not valid JSON: {e}") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{os.fspath(file)!r} must hold a JSON object, got {type(config).__name__}")
+        return cls(**{k: config[k] for k in _CONFIG_KEYS if k in config}, num_threads=num_threads)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageProcessor(patch_size={self.patch_size}, min_tokens={self.min_tokens}, "
+            f"max_tokens={self.max_tokens}, image_mean={self.image_mean}, image_std={self.image_std}, "
+            f"rescale_factor={self.rescale_factor}, do_rescale={self.do_rescale}, "
+            f"do_normalize={self.do_normalize}, num_threads={self.num_threads})"
+        )
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        merge_size: int = 1,
+        frame_types: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        *,
+        pin_memory: bool = False,
+    ) -> ProcessorOutput:
+        """The reference's ``preprocess(images, merge_size=..., frame_types=...)``.
+
+        ``images`` is one image, one clip (a ``[T, H, W, 3]`` array, ``t = T``), or a list of them
+        treated as the frames of one video: every item is sized from the first one's size **(sic)**
+        and becomes its own grid row. ``frame_types`` (0 key, 1 intermediate, one per item) applies
+        the TRA budget split. ``pin_memory`` returns ``pixel_values`` in page-locked memory.
+        """
+        merge = _positive_int(merge_size, "merge_size")
+        values = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not values:
+            raise ValueError("images is empty")
+        items = [_item(v, f"images[{i}]", allow_clip=True, parity=True) for i, v in enumerate(values)]
+        types = self._frame_types(frame_types, len(items))
+        first = items[0]
+        factor = self.patch_size * merge
+        sizes = target_sizes(first.height, first.width, types, factor, self.min_tokens, self.max_tokens)
+        return self._pack(items, sizes, merge, pin_memory)
+
+    def batch(self, items: Sequence[ImageInput], merge_size: int = 1, *, pin_memory: bool = False) -> ProcessorOutput:
+        """Preprocess unrelated images (or clips) in one packed output, each sized on its own.
+
+        Items are PIL images, paths, or uint8 ``[H, W, 3]`` (``[T, H, W, 3]`` for a clip) numpy arrays
+        or torch tensors; item ``i`` is grid row ``i``.
+        """
+        merge = _positive_int(merge_size, "merge_size")
+        if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)) or not items:
+            raise ValueError("items must be a non-empty sequence of images")
+        loaded = [_item(v, f"items[{i}]", allow_clip=True, parity=False) for i, v in enumerate(items)]
+        factor = self.patch_size * merge
+        sizes = [target_sizes(it.height, it.width, [0], factor, self.min_tokens, self.max_tokens)[0] for it in loaded]
+        return self._pack(loaded, sizes, merge, pin_memory)
+
+    @staticmethod
+    def _frame_types(frame_types: Any, count: int) -> list[int]:
+        if frame_types is None:
+            return [0] * count
+        values = frame_types.tolist() if hasattr(frame_types, "tolist") else list(frame_types)
+        if len(values) != count or any(isinstance(v, bool) or v not in (0, 1) for v in values):
+            raise ValueError(f"frame_types must hold one 0 (key) or 1 (intermediate) per item ({count}), got {values}")
+        return values
+
+    def _pack(self, items: list[_Item], sizes: list[tuple[int, int]], merge: int, pin_memory: bool) -> ProcessorOutput:
+        p = self.patch_size
+        grids = [(it.frames, h // p, w // p) for it, (h, w) in zip(items, sizes, strict=True)]
+        rows = [t * gh * gw for t, gh, gw in grids]
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA (page-locked memory is for host-to-device copies)")
+        pixel_values = torch.empty(sum(rows), _CHANNELS * p * p, dtype=torch.float32, pin_memory=pin_memory)
+        starts = np.cumsum([0, *rows]).tolist()
+        jobs = [(it, size, starts[i]) for i, (it, size) in enumerate(zip(items, sizes, strict=True))]
+        if self.num_threads > 1 and len(jobs) > 1:
+            local = threading.local()
+
+            def run(job: tuple[_Item, tuple[int, int], int]) -> None:
+                if not hasattr(local, "ws"):
+                    local.ws = _Workspace()
+                self._write(*job, merge, pixel_values, local.ws)
+
+            with ThreadPoolExecutor(min(self.num_threads, len(jobs))) as pool:
+                list(pool.map(run, jobs))
+        else:
+            ws = _Workspace()
+            for job in jobs:
+                self._write(*job, merge, pixel_values, ws)
+        return ProcessorOutput(
+            pixel_values,
+            torch.tensor(grids, dtype=torch.int64).view(-1, 3),
+            torch.full((len(items),), merge, dtype=torch.int64),
+        )
+
+    def _write(
+        self, item: _Item, size: tuple[int, int], start: int, merge: int, out: torch.Tensor, ws: _Workspace
+    ) -> None:
+        height, width = size
+        per_frame = (height // self.patch_size) * (width // self.patch_size)
+        for f, frame in enumerate(_frames(item.read())):
+            rows = out[start + f * per_frame : start + (f + 1) * per_frame]
+            resize_to_patches(frame, height, width, self.patch_size, merge, self._norm, rows, ws)
+
+
+def reference_preprocess(
+    images: ImageInput | Sequence[ImageInput],
+    merge_size: int = 1,
+    frame_types: Sequence[int] | None = None,
+    *,
+    patch_size: int = 14,
+    min_tokens: int = 16,
+    max_tokens: int = 16384,
+    image_mean: Sequence[float] = _RELEASED_MEAN,
+    image_std: Sequence[float] = _RELEASED_STD,
+    rescale_factor: float = 1 / 255,
+) -> ProcessorOutput:
+    """The slow reference pipeline, the upstream steps one by one: for tests and benchmarks only.
+
+    PIL ``convert("RGB")``, a numpy array, back to PIL and ``resize((W, H), BICUBIC)`` (as
+    ``transformers``' resize does), ``float32(float64(x) * rescale_factor)``, ``(x - mean) / std``
+    in float32, channels first, stacked per item and cut into patch rows by an 8-D transpose.
+    """
+    values = list(images) if isinstance(images, (list, tuple)) else [images]
+    types = [0] * len(values) if frame_types is None else list(frame_types)
+    first = values[0]
+    height, width = (first.height, first.width) if isinstance(first, Image.Image) else np.asarray(first).shape[-3:-1]
+    factor = patch_size * merge_size
+    sizes = target_sizes(height, width, types, factor, min_tokens, max_tokens)
+    mean = np.asarray(image_mean, dtype=np.float32)
+    std = np.asarray(image_std, dtype=np.float32)
+    pixel_values, grids = [], []
+    for value, (th, tw) in zip(values, sizes, strict=True):
+        frames = [value] if isinstance(value, Image.Image) or np.asarray(value).ndim == 3 else list(value)
+        processed = []
+        for frame in frames:
+            if isinstance(frame, Image.Image):
+                frame = np.array(frame if frame.mode == "RGB" else frame.convert("RGB"))
+            frame = np.asarray(frame)
+            resized = np.array(Image.fromarray(frame).resize((tw, th), Image.Resampling.BICUBIC))
+            x = (resized.astype(np.float64) * rescale_factor).astype(np.float32)
+            x = (x - mean) / std
+            processed.append(x.transpose(2, 0, 1))
+        patches = np.array(processed)
+        t, c = patches.shape[:2]
+        gh, gw, m, p = th // patch_size, tw // patch_size, merge_size, patch_size
+        patches = patches.reshape(t, c, gh // m, m, p, gw // m, m, p).transpose(0, 2, 5, 3, 6, 1, 4, 7)
+        pixel_values.append(patches.reshape(t * gh * gw, c * p * p))
+        grids.append((t, gh, gw))
+    return ProcessorOutput(
+        torch.from_numpy(np.concatenate(pixel_values)),
+        torch.tensor(grids, dtype=torch.int64),
+        torch.full((len(values),), merge_size, dtype=torch.int64),
+    )
