@@ -33,7 +33,9 @@ Design (H100 first; numbers from ``compile_cases`` compiled for sm_90 and sm_80)
   (sm_90: 80 registers and 2 spills; sm_80: 32 bytes of stack) and grew the kernel from ~700 to
   ~4,100 SASS instructions. :func:`_sincos` shares one three-constant Cody-Waite reduction between
   sin and cos and evaluates Taylor polynomials: within 1.6 ulp of the exact values up to angles of
-  10^6 (libdevice promises 2 ulp), no local memory, 48 registers for 16-bit inputs.
+  10^6 (libdevice promises 2 ulp), no local memory, 48 registers for 16-bit inputs. The reduction
+  needs ``tl.fma`` to round once, as it does on GPUs and in Triton's interpreter from 3.7; the
+  interpreter of Triton 3.6 rounds it twice, which moves float32 results by ~1e-5 relative.
 * **Angles match the reference bit for bit.** ``f`` is not recomputed in the kernel: the wrapper
   passes the float32 vector of :func:`penguin_kernels.reference.rope_inv_freq` (``hd/2`` floats,
   cached per device), so ``pos * f`` is the float32 product the reference forms. An in-kernel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -11,6 +12,23 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@functools.cache
+def interpreter_fuses_fma() -> bool:
+    """Whether ``tl.fma`` rounds once in this Triton's interpreter (as on GPUs); before 3.7 it rounds twice."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(a, b, c, out):
+        tl.store(out, tl.fma(tl.load(a), tl.load(b), tl.load(c)))
+
+    # (1 + 2^-12)^2 - (1 + 2^-11) = 2^-24 exactly; a float32 multiply first rounds it away to 0
+    x = torch.tensor([1 + 2**-12])
+    out = torch.zeros(1)
+    probe[(1,)](x, x.clone(), torch.tensor([-(1 + 2**-11)]), out)
+    return out.item() == 2**-24
 
 
 def device() -> str:
