@@ -164,7 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output was written under an output name", file=sys.stderr)
+        print(
+            f"{PROG}: interrupted; no --out file or index was written (per-input files already in --out-dir are "
+            "complete, but the run is unfinished until its index.json is written)",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -270,7 +274,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         model.config.patch_size,
         min_tokens=args.min_tokens,
         max_tokens=args.max_tokens,
-        num_threads=args.workers,
+        num_threads=1,  # the pool of --workers runs one input per thread
     )
     settings = {
         "merge_size": args.merge_size,
@@ -293,7 +297,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
     )
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
     options = {
-        "metadata": enc.run_metadata(info, all_names, rank, world_size),
+        "metadata": enc.run_metadata(info, all_inputs, rank, world_size),
         "batch_tokens": args.batch_tokens,
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
@@ -301,7 +305,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         "workers": args.workers,
         "progress": enc.Progress(len(inputs), sys.stderr if show and not args.quiet else None, tag),
     }
-    sink.clear_stale(rank)
+    sink.clear_stale()
     return _EncodeSetup(model, processor, inputs, sink, options, info, load_time, world_size, tag)
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "Summary",
     "collect_inputs",
     "encode",
+    "files_fingerprint",
     "hub_cache_dir",
     "init_checkpoint",
     "load_model",
@@ -97,6 +98,8 @@ TINY_CONFIG = PenguinEncoderConfig(
 TINY_LLM_HIDDEN = 96
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# longest stem of a per-input file name in bytes: room for "~N" and ".safetensors" within 255
+_MAX_STEM_BYTES = 200
 
 
 class InputError(ValueError):
@@ -607,11 +610,13 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        """End the bar's line (once), so that what is printed next starts on a line of its own."""
         if self.stream is not None:
             if self.items < self.total:
                 self._render(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
+            self.stream = None
 
 
 @dataclass
@@ -689,13 +694,13 @@ class FileSink:
     def conflicts(self) -> list[Path]:
         return [p for p in (self.path, self.index) if p is not None and p.exists()]
 
-    def clear_stale(self, rank: int) -> None:
-        """Before overwriting a sharded run, drop this rank's old part (and on rank 0 the index), so that a
-        rank finishing early does not index it. A single file is simply replaced at the end."""
+    def clear_stale(self) -> None:
+        """Before overwriting a sharded run, drop this rank's old part and the index: an index must describe
+        only parts of one finished run, and the last rank to finish writes it again. A single file is simply
+        replaced at the end."""
         if self.index is not None:
             self.path.unlink(missing_ok=True)
-            if rank == 0:
-                self.index.unlink(missing_ok=True)
+            self.index.unlink(missing_ok=True)
 
     def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> None:
         self.tensors[f"{name}.features"] = features
@@ -714,6 +719,10 @@ def _file_names(names: Sequence[str]) -> dict[str, str]:
     used: set[str] = set()
     for name in names:
         stem = re.sub(r"[^\w.+-]", "_", name.strip("/").replace("/", "__")).lstrip(".") or "input"
+        if len(stem.encode()) > _MAX_STEM_BYTES:
+            # file systems allow 255 bytes: keep the name's start and make it distinct with a hash of the whole
+            digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+            stem = stem.encode()[: _MAX_STEM_BYTES - 17].decode(errors="ignore") + "-" + digest
         candidate, k = stem, 1
         while candidate.lower() in used:
             k += 1
@@ -743,11 +752,10 @@ class DirSink:
         paths = [self.index, self.part, *(self.dir / f for f in self.files.values())]
         return [p for p in paths if p is not None and p.exists()]
 
-    def clear_stale(self, rank: int) -> None:
-        """Before overwriting, drop the index (rank 0) and this rank's part: an index must describe only files
-        of one finished run."""
-        if rank == 0:
-            self.index.unlink(missing_ok=True)
+    def clear_stale(self) -> None:
+        """Before overwriting, drop the index and this rank's part: an index must describe only files of one
+        finished run, and the last rank to finish writes it again."""
+        self.index.unlink(missing_ok=True)
         if self.part is not None:
             self.part.unlink(missing_ok=True)
 
@@ -780,13 +788,29 @@ def _part_record(metadata: dict[str, str], inputs: dict[str, str]) -> dict[str, 
     }
 
 
-def run_metadata(info: RunInfo, all_names: Sequence[str], rank: int, world_size: int) -> dict[str, str]:
+def run_metadata(info: RunInfo, all_inputs: Sequence[Input], rank: int, world_size: int) -> dict[str, str]:
     """Metadata of one rank's output: :meth:`RunInfo.metadata` plus the rank, the world size and the run digest."""
     meta = info.metadata()
     meta["package_version"] = _package_version()
     meta["rank"], meta["world_size"] = str(rank), str(world_size)
-    meta["run"] = run_digest(all_names, world_size, meta)
+    meta["run"] = run_digest([i.name for i in all_inputs], world_size, meta, files_fingerprint(all_inputs, info))
     return meta
+
+
+def files_fingerprint(inputs: Sequence[Input], info: RunInfo) -> str:
+    """Size and modification time of every input file and checkpoint file: a part left by an earlier run
+    over the same names joins a new run's index only if none of the files it was computed from changed."""
+    files = [f for i in inputs for f in (i.frames or (i.path,))]
+    if info.model_path:
+        files += sorted(p for p in Path(info.model_path).iterdir() if p.suffix in (".json", ".safetensors"))
+    stamps = []
+    for f in files:
+        try:
+            st = f.stat()
+            stamps.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append((str(f), -1, -1))
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
 
 def _package_version() -> str:
@@ -796,10 +820,11 @@ def _package_version() -> str:
         return "unknown"
 
 
-def run_digest(names: Sequence[str], world_size: int, metadata: dict[str, str]) -> str:
-    """Identity of a (sharded) run: every rank computes the same value from its own arguments."""
+def run_digest(names: Sequence[str], world_size: int, metadata: dict[str, str], fingerprint: str = "") -> str:
+    """Identity of a (sharded) run: every rank computes the same value from its own arguments and the
+    :func:`files_fingerprint` of the files they name."""
     keys = ("model", "model_path", "dtype", "projected", "settings")
-    blob = json.dumps([list(names), world_size, {k: metadata.get(k) for k in keys}])
+    blob = json.dumps([list(names), world_size, {k: metadata.get(k) for k in keys}, fingerprint])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -997,6 +1022,8 @@ def encode(
             sink.commit(final)
         summary.write += time.perf_counter() - t0
     finally:
+        if progress is not None:
+            progress.close()
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
         thread.join(timeout=5)

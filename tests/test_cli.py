@@ -138,6 +138,13 @@ def test_batches_split_by_token_budget(data, model, processor):
     s1 = enc.encode(model, processor, inputs, whole, metadata=metadata, batch_tokens=10**6, workers=2)
     s2 = enc.encode(model, processor, inputs, one_each, metadata=metadata, batch_tokens=1, workers=3)
     assert s1.batches == 1 and s2.batches == len(inputs) == s1.items == s2.items
+    # a budget that holds exactly the first two inputs: they share a batch, the next one starts another
+    first_two = sum(enc.prepare(i, processor, 1, 2).tokens for i in inputs[:2])
+    s3 = enc.encode(
+        model, processor, inputs, enc.FileSink(Path("two.safetensors")), metadata=metadata, batch_tokens=first_two
+    )
+    assert 1 < s3.batches < len(inputs)
+    assert json.loads(_features(Path("two.safetensors"))[1]["inputs"]) == [i.name for i in inputs]
     assert s1.tokens == s2.tokens > 0 and s1.out_tokens == s2.out_tokens
     a, b = load_file("whole.safetensors"), load_file("each.safetensors")
     assert a.keys() == b.keys()
@@ -385,6 +392,20 @@ def test_index_waits_for_parts_of_the_same_run(data, ckpt, monkeypatch, capsys):
     assert "different runs" in capsys.readouterr().err
 
 
+def test_index_ignores_a_stale_part_over_changed_inputs(data, ckpt, monkeypatch):
+    """A part left by an earlier run over the same names does not join the index once an input changed."""
+    args = ["encode", "data/a.png", "data/b.png", "--model", str(ckpt), "--out", "o.safetensors", "--overwrite"]
+    _as_rank(monkeypatch, 0, 2)
+    assert main(args) == 0
+    _as_rank(monkeypatch, 1, 2)
+    assert main(args) == 0
+    assert Path("o.index.json").is_file()
+    _png(Path("data/a.png"), (45, 31), 99)  # rank 0's input changes; only rank 1 runs again
+    os.utime("data/a.png", ns=(0, 10**18))
+    assert main(args) == 0
+    assert not Path("o.index.json").exists()
+
+
 def test_collect_inputs_errors(data):
     with pytest.raises(enc.InputError, match="no such file"):
         enc.collect_inputs(["data/missing.png"])
@@ -449,3 +470,13 @@ def test_out_dir_file_names_are_distinct_and_flat():
     for f in files.values():
         assert "/" not in f and not f.startswith(".") and f.endswith(".safetensors")
     assert files["a/b.png"] == "a__b.png.safetensors" and files["a__b.png"] == "a__b.png~2.safetensors"
+
+
+def test_out_dir_long_names_fit_the_file_system(data, ckpt):
+    deep = Path("data", *(["d" * 60] * 5))
+    _png(deep / "x.png", (30, 30), 7)
+    _png(deep / "y.png", (30, 30), 8)
+    assert main(["encode", str(deep), "--model", str(ckpt), "--out-dir", "feats"]) == 0
+    files = json.loads(Path("feats/index.json").read_text())["inputs"]
+    assert len(files) == 2 and len(set(files.values())) == 2
+    assert all(len(f.encode()) <= 255 and (Path("feats") / f).is_file() for f in files.values())
