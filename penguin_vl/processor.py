@@ -56,7 +56,7 @@ _RELEASED_MEAN = (0.5, 0.5, 0.5)
 _RELEASED_STD = (0.5, 0.5, 0.5)
 _CHANNELS = 3
 # what PIL raises on files it cannot identify or decode
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 ImageInput = Any  # PIL.Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -183,12 +183,12 @@ def _path_item(path: str | os.PathLike, where: str) -> _Item:
         raise ValueError(f"{where}: cannot open {os.fspath(path)!r} as an image ({e})") from e
 
     def read() -> np.ndarray:
-        try:
-            with Image.open(path) as image:
+        with Image.open(path) as image:
+            try:
                 image.load()
-                return _pil_pixels(image, where)
-        except _DECODE_ERRORS as e:
-            raise ValueError(f"{where}: cannot decode {os.fspath(path)!r} ({e})") from e
+            except _DECODE_ERRORS as e:
+                raise ValueError(f"{where}: cannot decode {os.fspath(path)!r} ({e})") from e
+            return _pil_pixels(image, where)
 
     return _Item(where, height, width, 1, read)
 
@@ -218,6 +218,11 @@ def _item(value: ImageInput, where: str, allow_clip: bool, parity: bool) -> _Ite
         width, height = value.size
         if width == 0 or height == 0:
             raise ValueError(f"{where}: empty image ({width} x {height})")
+        # decoded here, once: a lazily loaded image read by several pool threads at a time would race
+        try:
+            value.load()
+        except _DECODE_ERRORS as e:
+            raise ValueError(f"{where}: cannot decode the image ({e})") from e
         return _Item(where, height, width, 1, lambda: _pil_pixels(value, where))
     if isinstance(value, (str, os.PathLike)):
         item = _path_item(value, where)

@@ -390,6 +390,16 @@ def test_thread_pool_matches_serial(tmp_path):
     assert_same(ImageProcessor(num_threads=4)(list(clip)), ImageProcessor()(list(clip)))
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_thread_pool_shares_one_lazily_loaded_image(tmp_path, fmt):
+    """The same file-backed PIL image, not yet decoded, several times in one pooled batch."""
+    path = tmp_path / f"x.{fmt}"
+    Image.fromarray(random_image(300, 400, seed=5)).convert("P" if fmt == "png" else "RGB").save(path)
+    serial = ImageProcessor().batch([Image.open(path)] * 8)
+    for _ in range(3):
+        assert_same(ImageProcessor(num_threads=8).batch([Image.open(path)] * 8), serial)
+
+
 def test_output_is_a_mapping():
     out = ImageProcessor()(random_image(30, 30))
     assert dict(**out).keys() == {"pixel_values", "grid_sizes", "merge_sizes"}
