@@ -252,11 +252,14 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
     if args.out is not None:
         if args.out.suffix != ".safetensors":
             raise UsageError(f"--out {args.out}: the file name must end in .safetensors (or use --out-dir)")
-        sink: enc.FileSink | enc.DirSink = enc.FileSink(args.out, rank, world_size)
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a directory (for a file per input, use --out-dir)")
+        sink: enc.FileSink | enc.DirSink = enc.FileSink(args.out, rank, world_size, overwrite=args.overwrite)
     else:
         if args.out_dir.exists() and not args.out_dir.is_dir():
             raise UsageError(f"--out-dir {args.out_dir} exists and is not a directory")
-        sink = enc.DirSink(args.out_dir, all_names, [i.name for i in inputs], rank, world_size)
+        names = [i.name for i in inputs]
+        sink = enc.DirSink(args.out_dir, all_names, names, rank, world_size, overwrite=args.overwrite)
     conflicts = sink.conflicts()
     if conflicts and not args.overwrite:
         shown = ", ".join(str(p) for p in conflicts[:3]) + (" ..." if len(conflicts) > 3 else "")

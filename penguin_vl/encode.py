@@ -645,28 +645,34 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _atomic_write(path: Path, write: Callable[[str], None], *, replace: bool = True) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it to ``path`` in one step.
+
+    Without ``replace``, an existing ``path`` (even one that appeared while the run was going) is left alone
+    and :class:`FileExistsError` is raised: the file is hard-linked into place, which fails if the name exists.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"output exists: {path}; pass --overwrite to replace it") from None
+        except OSError:  # a file system without hard links: check, then rename
+            if path.exists():
+                raise FileExistsError(f"output exists: {path}; pass --overwrite to replace it") from None
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_text(text: str) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(text)
 
 
 def part_path(path: Path, rank: int, world_size: int) -> Path:
@@ -685,7 +691,8 @@ class FileSink:
     """All features in one safetensors file, written once at the end: ``<name>.features`` [n, dim] in the
     model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64."""
 
-    def __init__(self, path: Path, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, path: Path, rank: int = 0, world_size: int = 1, *, overwrite: bool = True) -> None:
+        self.overwrite = overwrite
         self.path = part_path(path, rank, world_size)
         self.index = index_path(path, directory=False) if world_size > 1 else None
         self.sharded = world_size > 1
@@ -709,7 +716,7 @@ class FileSink:
 
     def commit(self, metadata: dict[str, str]) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(self.tensors, self.path, metadata)
+        _atomic_write(self.path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata), replace=self.overwrite)
         return self.path
 
 
@@ -738,7 +745,17 @@ class DirSink:
     ``index.rankRRRRR-of-WWWWW.json`` under torchrun). File names are derived from all the inputs of the run,
     so ranks never collide."""
 
-    def __init__(self, path: Path, all_names: Sequence[str], names: Sequence[str], rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        path: Path,
+        all_names: Sequence[str],
+        names: Sequence[str],
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        overwrite: bool = True,
+    ):
+        self.overwrite = overwrite
         self.dir = path
         names_to_files = _file_names(all_names)
         self.files = {n: names_to_files[n] for n in names}
@@ -762,16 +779,16 @@ class DirSink:
     def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         file = self.files[name]
-        _atomic_save(
-            {"features": features, "grid": grid, "merge": merge}, self.dir / file, {**self.metadata, "name": name}
-        )
+        tensors = {"features": features, "grid": grid, "merge": merge}
+        metadata = {**self.metadata, "name": name}
+        _atomic_write(self.dir / file, lambda tmp: save_file(tensors, tmp, metadata=metadata), replace=self.overwrite)
         self.written[name] = file
 
     def commit(self, metadata: dict[str, str]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         record = _part_record(metadata, self.written)
         target = self.part or self.index
-        _atomic_write_text(json.dumps(record, indent=1) + "\n", target)
+        _atomic_write(target, _write_text(json.dumps(record, indent=1) + "\n"), replace=self.overwrite)
         return target
 
 
@@ -899,7 +916,7 @@ def merge_index(
     if not directory:
         index["files"] = [part_path(out, r, world_size).name for r in range(world_size)]
     path = index_path(out, directory)
-    _atomic_write_text(json.dumps(index, indent=1) + "\n", path)
+    _atomic_write(path, _write_text(json.dumps(index, indent=1) + "\n"))
     return path
 
 

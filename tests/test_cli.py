@@ -179,6 +179,30 @@ def test_output_is_not_overwritten(data, ckpt, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--out-dir", "od", "--overwrite"]) == 0
 
+    Path("adir.safetensors").mkdir()
+    assert main([*args, "--out", "adir.safetensors", "--overwrite"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["file", "dir"])
+def test_output_appearing_during_the_run_is_not_replaced(data, model, processor, out):
+    """Without overwrite, a file that appears under the output name after the start check is kept."""
+    inputs = enc.collect_inputs(["data/a.png"])
+    meta = {"world_size": "1", "rank": "0", "run": "x"}
+    if out == "file":
+        target = Path("late.safetensors")
+        sink = enc.FileSink(target, overwrite=False)
+    else:
+        target = Path("late") / "data__a.png.safetensors"
+        sink = enc.DirSink(Path("late"), ["data/a.png"], ["data/a.png"], overwrite=False)
+    assert not sink.conflicts()
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        enc.encode(model, processor, inputs, sink, metadata=meta, workers=1)
+    assert target.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
+
 
 def test_failed_inputs_are_skipped_and_reported(data, ckpt, capsys):
     Path("data/trunc.png").write_bytes(Path("data/sub/c10.png").read_bytes()[:200])
@@ -446,9 +470,13 @@ def test_bad_arguments(data, ckpt, capsys, args, message):
 def test_progress_and_summary(data, ckpt, capsys):
     assert main(["encode", "data", "--model", str(ckpt), "--out", "o.safetensors", "--progress"]) == 0
     err = capsys.readouterr().err
-    assert "items/s" in err and "tokens/s" in err and f"{len(enc.collect_inputs(['data']))}/" in err
+    n = len(enc.collect_inputs(["data"]))
+    bar = err.split("\r")[-1].splitlines()[0]  # the progress line as last drawn
+    assert bar.startswith("[" + "#" * 24 + "]") and f" {n}/{n} | " in bar
+    assert " items/s | " in bar and " tokens/s | " in bar
+    summary = err[err.index(bar) + len(bar) :]
     for stage in ("load", "preprocess", "encode", "write", "backend torch", "on cpu"):
-        assert stage in err
+        assert stage in summary
     assert main(["encode", "data", "--model", str(ckpt), "--out", "p.safetensors", "-q"]) == 0
     assert capsys.readouterr().err == ""
 
