@@ -470,11 +470,9 @@ class Normalisation:
         shifted = np.clip(np.arange(_TABLE_SIZE) - _TABLE_OFFSET, 0, 255)
         self.offset_table = self.table[:, shifted].reshape(-1)  # [C * 512], indexed by value + 64
 
-    def _apply(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        values.div_(self.divisor).sub_(self.mean)
-        if out is None:
-            return values.div_(self.std)
-        return torch.div(values, self.std, out=out)
+    def _apply(self, values: torch.Tensor) -> torch.Tensor:
+        # the op sequence of :meth:`patches`, in place on planar [n, C, W] values
+        return values.div_(self.divisor).sub_(self.mean).div_(self.std)
 
     def patches(self, values: torch.Tensor, patch: int, merge: int, out: torch.Tensor, ws: _Workspace) -> None:
         """Write a strip ``[n, C, W]`` (floor = uint8 value before its clamp) as patch rows into ``out``."""
