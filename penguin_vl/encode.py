@@ -142,15 +142,16 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(found, key=_natural_key)
 
 
-def _expand(arg: str) -> list[Path]:
+def _expand(arg: str) -> tuple[list[Path], bool]:
+    """The paths an argument names, and whether they came from a pattern."""
     path = Path(arg).expanduser()
     if path.exists():
-        return [path]
+        return [path], False
     if _GLOB_CHARS.search(arg):
         matches = sorted((Path(m) for m in glob.glob(str(path), recursive=True)), key=_natural_key)
         if not matches:
             raise InputError(f"input {arg!r}: the pattern matches nothing")
-        return matches
+        return matches, True
     raise InputError(f"input {arg!r}: no such file or directory")
 
 
@@ -188,19 +189,24 @@ def collect_inputs(paths: Sequence[str], clips: Sequence[str] = ()) -> list[Inpu
     """
     found: list[Input] = []
     for arg in paths:
-        for path in _expand(arg):
-            if path.is_dir():
-                files = _files_under(path)
-                if not files:
-                    raise InputError(
-                        f"input {arg!r}: no image files or {CLIP_SUFFIX} clips under {path} (images: "
-                        f"{', '.join(IMAGE_SUFFIXES)}; a directory of frames is one clip with --clip)"
-                    )
-                found.extend(_file_input(f) for f in files)
-            else:
-                found.append(_file_input(path))
+        matches, pattern = _expand(arg)
+        # named explicitly, a file is taken whatever its suffix; matched by a pattern, only image files and
+        # clips (and directories holding some) count, and the pattern must reach at least one
+        files = [
+            f
+            for path in matches
+            for f in (_files_under(path) if path.is_dir() else [path])
+            if not pattern or path.is_dir() or f.suffix.lower() in (*IMAGE_SUFFIXES, CLIP_SUFFIX)
+        ]
+        if not files:
+            raise InputError(
+                f"input {arg!r}: no image files or {CLIP_SUFFIX} clips {'matched' if pattern else 'under'} "
+                f"{arg if pattern else matches[0]} (images: {', '.join(IMAGE_SUFFIXES)}; a directory of "
+                "frames is one clip with --clip)"
+            )
+        found.extend(_file_input(f) for f in files)
     for arg in clips:
-        found.extend(_clip_input(path, arg) for path in _expand(arg))
+        found.extend(_clip_input(path, arg) for path in _expand(arg)[0])
     seen: set[Path] = set()
     unique = []
     for inp in found:

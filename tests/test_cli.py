@@ -449,6 +449,19 @@ def test_collect_inputs_errors(data):
     assert [i.name for i in enc.collect_inputs(["data/**/c*.png"])] == ["data/sub/c9.png", "data/sub/c10.png"]
 
 
+def test_patterns_skip_what_is_not_an_input(data):
+    """A pattern passes over other files and empty directories; a file named explicitly is taken as given."""
+    Path("data/notes.txt").write_text("not an image")
+    Path("data/empty").mkdir()
+    names = [i.name for i in enc.collect_inputs(["data/*"])]
+    assert "data/notes.txt" not in names and "data/a.png" in names and "data/sub/c9.png" in names
+    assert [i.name for i in enc.collect_inputs(["data/notes.txt"])] == ["data/notes.txt"]
+    with pytest.raises(enc.InputError, match="no image files or .npy clips matched"):
+        enc.collect_inputs(["data/*.txt"])
+    with pytest.raises(enc.InputError, match="no image files or .npy clips matched"):
+        enc.collect_inputs(["data/empt*"])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
