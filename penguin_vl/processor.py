@@ -344,6 +344,11 @@ class ImageProcessor:
         treated as the frames of one video: every item is sized from the first one's size **(sic)**
         and becomes its own grid row. ``frame_types`` (0 key, 1 intermediate, one per item) applies
         the TRA budget split. ``pin_memory`` returns ``pixel_values`` in page-locked memory.
+
+        One departure: the upstream code guesses the channel axis from the array shape and takes an
+        image 1 or 3 pixels high for a channels-first one. Such arrays are refused here (their result
+        would be the upstream's accident); PIL images and files of that height are processed as SPEC
+        section 5 describes.
         """
         merge = _positive_int(merge_size, "merge_size")
         values = list(images) if isinstance(images, (list, tuple)) else [images]
