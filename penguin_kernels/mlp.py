@@ -16,7 +16,7 @@ Performance design (H100 SXM, bf16: ~990 TFLOP/s dense peak, ~700 sustained by g
   chain also writes the ``[M, 6144]`` gate/up output and runs silu, multiply and residual-add passes:
   ~54 KiB per token of extra traffic (16 ns at 3.35 TB/s) and three launches, against 12 KiB
   (h written and read back) plus the 2 KiB residual read here. At GEMM parity with cuBLAS that
-  is ~1.4x; the 1.15x target leaves room for GEMMs ~20% slower than cuBLAS.
+  is ~1.4x, so a 1.15x gain survives GEMMs ~20% slower than cuBLAS.
 * Projector, 1024 -> 2048 -> 2048 (Penguin-VL-2B): 12.6 MFLOP per token (18 ns); the unfused chain
   differs only by a separate GELU pass over ``[M, 2048]`` (8 KiB per token, 2.4 ns), since cuBLAS
   adds the biases in its own epilogue. The fusion can gain at most ~13% (~8% for 1024 -> 4096 ->
