@@ -1001,7 +1001,10 @@ def encode(
         if progress is not None:
             progress.update(len(batch.items), batch.tokens)
 
-    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="penguin-preprocess")
+    # one torch thread per worker (torch's thread count is per thread): the pool is the parallelism
+    pool = cf.ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="penguin-preprocess", initializer=torch.set_num_threads, initargs=(1,)
+    )
     thread = threading.Thread(target=packer, args=(pool,), name="penguin-packer", daemon=True)
     thread.start()
     inflight: tuple[_Batch, torch.Tensor, torch.cuda.Event | None] | None = None

@@ -402,7 +402,10 @@ class ImageProcessor:
         starts = np.cumsum([0, *rows]).tolist()
         jobs = [(it, size, starts[i]) for i, (it, size) in enumerate(zip(items, sizes, strict=True))]
         if self.num_threads > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(min(self.num_threads, len(jobs))) as pool:
+            # one torch thread per pool thread: the pool is the parallelism, and nested OpenMP teams would
+            # oversubscribe the cores (torch's thread count is per thread, so the caller's is unchanged)
+            threads = min(self.num_threads, len(jobs))
+            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 list(pool.map(lambda job: self._write(*job, merge, pixel_values, self._workspace()), jobs))
         else:
             ws = self._workspace()

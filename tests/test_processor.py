@@ -393,6 +393,12 @@ def test_thread_pool_matches_serial(tmp_path):
     assert_same(ImageProcessor(num_threads=4)(list(clip)), ImageProcessor()(list(clip)))
 
 
+def test_thread_pool_leaves_the_callers_torch_threads_alone():
+    before = torch.get_num_threads()
+    ImageProcessor(num_threads=2).batch([random_image(30, 40, seed=s) for s in range(3)])
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_thread_pool_shares_one_lazily_loaded_image(tmp_path, fmt):
     """The same file-backed PIL image, not yet decoded, several times in one pooled batch."""
