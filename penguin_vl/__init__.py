@@ -1,6 +1,7 @@
 """A lean, checkpoint-compatible model of the Penguin-VL vision encoder, with Triton acceleration."""
 
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
+from penguin_vl.hub import ModelNotFoundError
 from penguin_vl.loading import CheckpointError, save_encoder
 from penguin_vl.model import PenguinEncoder, PenguinProjector
 from penguin_vl.processor import ImageProcessor, ProcessorOutput
@@ -8,6 +9,7 @@ from penguin_vl.processor import ImageProcessor, ProcessorOutput
 __all__ = [
     "CheckpointError",
     "ImageProcessor",
+    "ModelNotFoundError",
     "PenguinEncoder",
     "PenguinEncoderConfig",
     "PenguinProjector",

@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
+from penguin_vl.hub import ModelNotFoundError, hub_cache_dir, resolve
 from penguin_vl.loading import CheckpointError, save_encoder
 from penguin_vl.model import PenguinEncoder
 from penguin_vl.processor import ImageProcessor
@@ -96,7 +97,6 @@ TINY_CONFIG = PenguinEncoderConfig(
     num_key_value_heads=2, head_dim=16, rope_theta=1e4,
 )  # fmt: skip
 TINY_LLM_HIDDEN = 96
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # longest stem of a per-input file name in bytes: room for "~N" and ".safetensors" within 255
 _MAX_STEM_BYTES = 200
@@ -104,10 +104,6 @@ _MAX_STEM_BYTES = 200
 
 class InputError(ValueError):
     """An input argument that names nothing usable: a missing path, an empty directory, a glob with no match."""
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """``--model`` is neither a checkpoint directory nor a model in the local Hugging Face cache."""
 
 
 @dataclass(frozen=True)
@@ -225,64 +221,10 @@ def shard(inputs: Sequence[Input], rank: int, world_size: int) -> list[Input]:
     return list(inputs[rank::world_size])
 
 
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
-
-
 def resolve_model(spec: str) -> Path:
-    """The checkpoint directory for ``--model``: a directory, or a hub id ``org/name[@revision]`` found in
-    the local Hugging Face cache (``models--org--name/snapshots/<commit>/``; ``revision`` is a branch or
-    tag recorded under ``refs/`` or a commit, default ``main``). Nothing is downloaded."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelNotFoundError(f"--model {spec!r} is a file; pass the checkpoint directory holding config.json")
-    repo, _, revision = spec.partition("@")
-    if not _HUB_ID.fullmatch(repo) or repo.count("/") != 1:
-        raise ModelNotFoundError(
-            f"--model {spec!r}: no such directory (pass a checkpoint directory, a hub id such as "
-            f"tencent/Penguin-Encoder that is in the local Hugging Face cache, or {RANDOM!r})"
-        )
-    cache = hub_cache_dir()
-    repo_dir = cache / ("models--" + repo.replace("/", "--"))
-    how_to = (
-        f"download it first (`huggingface-cli download {repo}` or `hf download {repo}`, which fill this cache), "
-        "set HF_HUB_CACHE or HF_HOME to the cache that holds it, or pass a checkpoint directory with --model DIR"
-    )
-    snapshots = repo_dir / "snapshots"
-    available = sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
-    if not available:
-        raise ModelNotFoundError(f"--model {spec!r}: not in the Hugging Face cache at {cache}; {how_to}")
-    ref = repo_dir / "refs" / (revision or "main")
-    if ref.is_file():
-        commit = ref.read_text().strip()
-    elif revision:
-        commit = revision
-    elif len(available) == 1:
-        commit = available[0]
-    else:
-        raise ModelNotFoundError(
-            f"--model {spec!r}: {repo_dir} has no refs/main and several snapshots {available}; "
-            f"choose one with --model {repo}@<commit>"
-        )
-    snapshot = snapshots / commit
-    if not snapshot.is_dir():
-        raise ModelNotFoundError(
-            f"--model {spec!r}: revision {revision or 'main'!r} ({commit}) is not in {snapshots} "
-            f"(cached: {available}); {how_to}"
-        )
-    if not (snapshot / "config.json").is_file():
-        raise ModelNotFoundError(f"--model {spec!r}: {snapshot} has no config.json (incomplete download?); {how_to}")
-    return snapshot
+    """The checkpoint directory for ``--model``: a directory, or a hub id ``org/name[@revision]`` in the local
+    Hugging Face cache (see :func:`penguin_vl.hub.resolve`). Nothing is downloaded."""
+    return resolve(spec, label=f"--model {spec!r}", other=f"or {RANDOM!r}", how_to="--model DIR")
 
 
 @dataclass(frozen=True)

@@ -200,13 +200,16 @@ class PenguinEncoder(nn.Module):
         """Load a standalone encoder or the encoder (and projector) of a full Penguin-VL checkpoint.
 
         ``path`` is a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
-        ``model.safetensors.index.json``). ``dtype`` defaults to the stored one. ``backend``: ``"torch"``
-        (plain PyTorch, any device), ``"triton"`` (Triton kernels, CUDA) or ``"auto"`` (Triton on CUDA,
-        else torch).
+        ``model.safetensors.index.json``), or a hub id such as ``tencent/Penguin-Encoder[@revision]``
+        already in the local Hugging Face cache (nothing is downloaded). ``dtype`` defaults to the stored
+        one. ``backend``: ``"torch"`` (plain PyTorch, any device), ``"triton"`` (Triton kernels, CUDA) or
+        ``"auto"`` (Triton on CUDA, else torch).
         """
+        from penguin_vl.hub import resolve
         from penguin_vl.loading import load_encoder
 
-        return load_encoder(cls, path, dtype=dtype, device=device, backend=backend, load_projector=load_projector)
+        directory = resolve(path)
+        return load_encoder(cls, directory, dtype=dtype, device=device, backend=backend, load_projector=load_projector)
 
     @classmethod
     def from_config(

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from penguin_vl._resize import Normalisation, _Workspace, resize_to_patches
+from penguin_vl.hub import resolve
 
 __all__ = ["ImageProcessor", "ProcessorOutput", "reference_preprocess", "target_sizes"]
 
@@ -305,12 +306,15 @@ class ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, num_threads: int = 1) -> ImageProcessor:
-        """Read ``preprocessor_config.json`` (upstream keys) from a checkpoint directory, or that file itself.
+        """Read ``preprocessor_config.json`` (upstream keys) from a checkpoint directory, that file itself, or a
+        hub id in the local Hugging Face cache (nothing is downloaded).
 
         Missing keys take the released values; keys this processor does not use are ignored; the
         values of the keys it uses are checked as in the constructor.
         """
-        file = Path(path)
+        file = Path(path).expanduser()
+        if not file.exists():
+            file = resolve(path, needs=_CONFIG_NAME)
         if file.is_dir():
             file = file / _CONFIG_NAME
         try:

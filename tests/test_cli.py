@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from penguin_vl import PenguinEncoder
+from penguin_vl import ImageProcessor, ModelNotFoundError, PenguinEncoder
 from penguin_vl import encode as enc
 from penguin_vl.cli import main
 from tests.utils import assert_rel_close
@@ -296,6 +296,11 @@ def test_hub_id_from_the_local_cache(data, ckpt, monkeypatch, tmp_path):
     assert meta["model"] == "acme/penguin-tiny" and meta["model_path"] == str(snapshot)
     with pytest.raises(enc.ModelNotFoundError, match="deadbeef"):
         enc.resolve_model("acme/penguin-tiny@deadbeef")
+    # the Python API resolves hub ids the same way
+    assert PenguinEncoder.from_pretrained("acme/penguin-tiny", backend="torch").config == enc.TINY_CONFIG
+    assert ImageProcessor.from_pretrained("acme/penguin-tiny@main").max_tokens == 16384
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download acme/other"):
+        PenguinEncoder.from_pretrained("acme/other")
 
 
 def test_hub_id_missing_offline_says_what_to_do(data, monkeypatch, tmp_path, capsys):
