@@ -476,30 +476,32 @@ class Normalisation:
 
     def patches(self, values: torch.Tensor, patch: int, merge: int, out: torch.Tensor, ws: _Workspace) -> None:
         """Write a strip ``[n, C, W]`` (floor = uint8 value before its clamp) as patch rows into ``out``."""
-        n, c, width = values.shape
-        block = patch * merge
-        shape = (n // block, merge, patch, c, width // block, merge, patch)
-        order = (0, 4, 1, 5, 3, 2, 6)  # -> [blocks, blocks_w, m, m, C, p, p]
         if values.is_floating_point():
             values.floor_()
         else:
-            values = torch.div(values, 1, out=ws.get("emit", n, c, width, dtype=torch.float32))
+            values = torch.div(values, 1, out=ws.get("emit", *values.shape, dtype=torch.float32))
         values.clamp_(0, 255).div_(self.divisor).sub_(self.mean)
-        dst = out.view(shape[0], shape[4], merge, merge, c, patch, patch)
-        torch.div(values.view(shape).permute(order), self.std.view(c, 1, 1), out=dst)
+        ordered = _in_patch_order(values, patch, merge)
+        torch.div(ordered, self.std.view(-1, 1, 1), out=out.view(ordered.shape))
 
     def patches_from_table(
         self, values: torch.Tensor, patch: int, merge: int, out: torch.Tensor, ws: _Workspace
     ) -> None:
         """:meth:`patches` for a strip biased by 64, through the table."""
-        n, c, width = values.shape
-        block = patch * merge
-        shape = (n // block, merge, patch, c, width // block, merge, patch)
-        index = ws.get("index", shape[0], shape[4], merge, merge, c, patch, patch, dtype=torch.int64)
-        index.copy_(values.view(shape).permute(0, 4, 1, 5, 3, 2, 6))
+        ordered = _in_patch_order(values, patch, merge)
+        index = ws.get("index", *ordered.shape, dtype=torch.int64)
+        index.copy_(ordered)
+        c = values.shape[1]
         if c > 1:
             index.add_((torch.arange(c) * _TABLE_SIZE).view(c, 1, 1))
         torch.index_select(self.offset_table, 0, index.view(-1), out=out.view(-1))
+
+
+def _in_patch_order(values: torch.Tensor, patch: int, merge: int) -> torch.Tensor:
+    """A strip ``[n, C, W]`` seen in the order of its patch rows: ``[n / b, W / b, m, m, C, p, p]``, ``b = p m``."""
+    n, c, width = values.shape
+    block = patch * merge
+    return values.view(n // block, merge, patch, c, width // block, merge, patch).permute(0, 4, 1, 5, 3, 2, 6)
 
 
 def resize_bicubic(image: np.ndarray | torch.Tensor, out_height: int, out_width: int) -> torch.Tensor:

@@ -165,6 +165,10 @@ class _Item:
     frames: int
     read: Callable[[], np.ndarray]  # uint8 [H, W, 3] or [T, H, W, 3]
 
+    def __post_init__(self) -> None:
+        if 0 in (self.height, self.width, self.frames):
+            raise ValueError(f"{self.where}: empty image ({self.frames} x {self.height} x {self.width}, T x H x W)")
+
 
 def _pil_pixels(image: Image.Image, where: str) -> np.ndarray:
     try:
@@ -202,8 +206,6 @@ def _array_item(array: np.ndarray, where: str, allow_clip: bool, parity: bool) -
         raise ValueError(f"{where}: arrays must be {layout}, got shape {list(array.shape)}")
     if array.shape[-1] != _CHANNELS:
         raise ValueError(f"{where}: expected {_CHANNELS} channels (RGB, channels last), got shape {list(array.shape)}")
-    if 0 in array.shape:
-        raise ValueError(f"{where}: empty image, shape {list(array.shape)}")
     if parity and array.shape[-3] in (1, 3):
         # the reference guesses the layout and reads a height of 1 or 3 as a channel axis
         raise ValueError(
@@ -217,19 +219,15 @@ def _array_item(array: np.ndarray, where: str, allow_clip: bool, parity: bool) -
 def _item(value: ImageInput, where: str, allow_clip: bool, parity: bool) -> _Item:
     if isinstance(value, Image.Image):
         width, height = value.size
-        if width == 0 or height == 0:
-            raise ValueError(f"{where}: empty image ({width} x {height})")
+        item = _Item(where, height, width, 1, lambda: _pil_pixels(value, where))
         # decoded here, once: a lazily loaded image read by several pool threads at a time would race
         try:
             value.load()
         except _DECODE_ERRORS as e:
             raise ValueError(f"{where}: cannot decode the image ({e})") from e
-        return _Item(where, height, width, 1, lambda: _pil_pixels(value, where))
-    if isinstance(value, (str, os.PathLike)):
-        item = _path_item(value, where)
-        if item.width == 0 or item.height == 0:
-            raise ValueError(f"{where}: empty image ({item.width} x {item.height})")
         return item
+    if isinstance(value, (str, os.PathLike)):
+        return _path_item(value, where)
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.uint8:
             raise TypeError(f"{where}: tensors must be uint8 (values 0..255), got {value.dtype}")
