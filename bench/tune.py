@@ -27,7 +27,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +104,10 @@ def _randn(*shape: int, dtype: torch.dtype, device: str, scale: float = 1.0) -> 
 def attention_problem(args: argparse.Namespace, device: str) -> Problem:
     import penguin_kernels as pk
     import penguin_kernels.attention as attn
-    from penguin_vl import workloads
+    from penguin_kernels.profile import _workload
 
     dtype = _DTYPES[args.dtype]
-    if args.tokens is not None or args.seqlen is not None:
-        tokens = args.tokens or args.seqlen
-        wl = workloads.uniform(args.seqlen or tokens, tokens)
-    else:
-        wl = workloads.get(args.workload)
+    wl = _workload(args)
     n, h, kv, hd = wl.tokens, args.heads, args.kv_heads, args.head_dim
     q = _randn(n, h, hd, dtype=dtype, device=device)
     k = _randn(n, kv, hd, dtype=dtype, device=device)
@@ -152,16 +147,6 @@ def gemm_problem(args: argparse.Namespace, device: str) -> Problem:
     return Problem(args.target, shape, flops, shipped, gemm_candidates(args.sweep, swiglu), run)
 
 
-def _cpu_times(fn: Callable[[], Any], rounds: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.double(), expected.double()
     if not torch.isfinite(a).all():
@@ -180,7 +165,9 @@ def sweep(problem: Problem, *, tol: float, rounds: int | None, on_cuda: bool) ->
 
         timer = lambda fn: cuda_times(lambda: fn(), [()], rounds=rounds)
     else:
-        timer = lambda fn: _cpu_times(fn, rounds or 3)
+        from bench.harness import _cpu_times
+
+        timer = lambda fn: _cpu_times(lambda: fn(), [()], rounds=rounds, warmup=1)
     expected = problem.run(problem.shipped)
     configs = [problem.shipped, *(c for c in problem.candidates if c != problem.shipped)]
     trials = []

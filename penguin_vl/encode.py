@@ -558,7 +558,7 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        """End the bar's line (once), so that what is printed next starts on a line of its own."""
+        """End the bar's line, once; later calls do nothing."""
         if self.stream is not None:
             if self.items < self.total:
                 self._render(time.perf_counter())
@@ -758,7 +758,9 @@ def run_metadata(info: RunInfo, all_inputs: Sequence[Input], rank: int, world_si
     meta = info.metadata()
     meta["package_version"] = _package_version()
     meta["rank"], meta["world_size"] = str(rank), str(world_size)
-    meta["run"] = run_digest([i.name for i in all_inputs], world_size, meta, files_fingerprint(all_inputs, info))
+    # the fingerprint stats every input file; only parts of a sharded run are ever matched against each other
+    fingerprint = files_fingerprint(all_inputs, info) if world_size > 1 else ""
+    meta["run"] = run_digest([i.name for i in all_inputs], world_size, meta, fingerprint)
     return meta
 
 
@@ -980,8 +982,6 @@ def encode(
         if inflight is not None:
             finish(*inflight)
             inflight = None
-        if progress is not None:
-            progress.close()
         final = dict(metadata)
         final["inputs"] = json.dumps(summary.encoded)
         final["failed"] = json.dumps(summary.failed)
