@@ -55,7 +55,7 @@ from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
 from penguin_vl.hub import ModelNotFoundError, hub_cache_dir, resolve
 from penguin_vl.loading import CheckpointError, save_encoder
 from penguin_vl.model import PenguinEncoder
-from penguin_vl.processor import ImageProcessor
+from penguin_vl.processor import ImageProcessor, restore_default_torch_threads, torch_worker_pool
 
 __all__ = [
     "DirSink",
@@ -945,10 +945,7 @@ def encode(
         if progress is not None:
             progress.update(len(batch.items), batch.tokens)
 
-    # one torch thread per worker (torch's thread count is per thread): the pool is the parallelism
-    pool = cf.ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="penguin-preprocess", initializer=torch.set_num_threads, initargs=(1,)
-    )
+    pool = torch_worker_pool(workers, "penguin-preprocess")
     thread = threading.Thread(target=packer, args=(pool,), name="penguin-packer", daemon=True)
     thread.start()
     inflight: tuple[_Batch, torch.Tensor, torch.cuda.Event | None] | None = None
@@ -995,5 +992,6 @@ def encode(
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
         thread.join(timeout=5)
+        restore_default_torch_threads()
     summary.total = time.perf_counter() - start
     return summary

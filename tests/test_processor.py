@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -393,10 +394,28 @@ def test_thread_pool_matches_serial(tmp_path):
     assert_same(ImageProcessor(num_threads=4)(list(clip)), ImageProcessor()(list(clip)))
 
 
-def test_thread_pool_leaves_the_callers_torch_threads_alone():
+def test_thread_pool_leaves_torch_thread_counts_alone():
+    """The caller's count, and the default that threads started later pick up, are unchanged."""
     before = torch.get_num_threads()
     ImageProcessor(num_threads=2).batch([random_image(30, 40, seed=s) for s in range(3)])
     assert torch.get_num_threads() == before
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
+
+
+def test_workspaces_are_kept_by_the_processor_not_by_threads():
+    """Pool threads end holding no scratch tensors (freeing them in a thread's teardown can abort
+    the interpreter at exit); the next call reuses the same buffers."""
+    proc = ImageProcessor(num_threads=2)
+    images = [random_image(60, 80, seed=s) for s in range(4)]
+    proc.batch(images)
+    spare = list(proc._spare)
+    assert 1 <= len(spare) <= 2
+    proc.batch(images)
+    assert {id(ws) for ws in spare} <= {id(ws) for ws in proc._spare}
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
