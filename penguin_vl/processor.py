@@ -269,7 +269,8 @@ class ImageProcessor:
     ``min_tokens`` 16 and ``max_tokens`` 16384 (per image or frame, in ``patch_size``-pixel patches),
     ``image_mean`` and ``image_std`` 0.5, ``rescale_factor`` 1/255, BICUBIC, RGB. ``do_rescale`` and
     ``do_normalize`` may be switched off; ``do_resize`` and ``do_convert_rgb`` must stay on.
-    ``num_threads`` > 1 processes items (and frames) on a thread pool of that size.
+    ``num_threads`` > 1 processes items (and frames) on a thread pool of that size, each pool
+    thread running torch ops on one thread; the caller's torch thread settings are left as they were.
     """
 
     def __init__(
