@@ -20,10 +20,14 @@ pixels as the width (:func:`vertical_first`), the horizontal pass first otherwis
 How it runs. Pixels are laid out per channel (``[rows, C, W]``) and produced in strips of output
 rows. A pass is a sum over taps of rows (vertical) or of columns (horizontal):
 
-- Summing rows is ``embedding_bag`` with per-sample weights: each output row is a bag of the
-  source rows it reads. fbgemm's float32 kernel fuses the gather and the multiply-adds, and it is
-  exact here because the int32 weights are split in two halves whose products and partial sums stay
-  integers (times a power of two) below 2**24 (see :class:`_Bag`).
+- Summing rows: when the size changes by a few pixels, a strip's output rows read a few runs of
+  consecutive source rows, and each (run, tap) is one int32 ``addcmul`` of a block of rows by a
+  column of weights. Otherwise it is ``embedding_bag`` with per-sample weights: each output row is a
+  bag of the source rows it reads. fbgemm's float32 kernel fuses the gather and the multiply-adds,
+  and it is exact here because the int32 weights are split in two halves whose products and partial
+  sums stay integers (times a power of two) below 2**24 (see :class:`_Bag`). The bags also take the
+  float rows of a transposed horizontal pass, which a conversion to int32 would cost more than the
+  row views save.
 - Summing columns: when the size changes by a few pixels (the common case, as the processor rounds
   sizes to a multiple of 14 or 28) the taps of consecutive outputs are consecutive columns, except
   at a few jumps. Each run of them is then one int32 ``addcmul`` over strided views, and nothing is
@@ -64,6 +68,9 @@ _TABLE_SIZE = 512
 # Horizontal runs (per tap), and ops per chunk, up to which strided views beat the transposed bag.
 _MAX_RUNS = 16
 _MAX_VIEW_OPS = 128
+# Row views per strip up to which the vertical pass runs as int32 ``addcmul`` instead of bags: ~1.5-2x
+# faster at the few runs of a near-identity scale, even with the bags at ~65 (a 1.14x downscale).
+_MAX_ROW_VIEW_OPS = 32
 # A horizontal tap with fewer nonzero weights than this fraction of the outputs is added sparsely.
 _SPARSE_TAP = 0.125
 # Values per strip and per chunk of the horizontal pass: fewer, larger ops amortise their overhead
@@ -246,17 +253,37 @@ def _horizontal(in_size: int, out_size: int) -> _Horizontal:
 
 @dataclass(frozen=True)
 class _Strip:
-    """Output rows ``lo:hi`` of the vertical pass, the source rows ``src_lo:src_hi`` they read, their bag."""
+    """Output rows ``lo:hi`` of the vertical pass, the source rows ``src_lo:src_hi`` they read, their bag.
+
+    ``views``, when the pass runs as row views: ``(a, b, r, w)`` adds ``w * src[r : r + b - a]`` to
+    output rows ``a:b`` (both relative to the strip), ``w`` the int32 weights ``[b - a, 1]``.
+    """
 
     lo: int
     hi: int
     src_lo: int
     src_hi: int
     bag: _Bag
+    views: tuple[tuple[int, int, int, torch.Tensor], ...] | None
+
+
+def _row_views(first: np.ndarray, fixed: np.ndarray, src_lo: int) -> list[tuple[int, int, int, torch.Tensor]]:
+    """One ``(a, b, r, w)`` per run of consecutive first taps and per tap with a nonzero weight in it."""
+    views = []
+    for a, b, start in _runs(first):
+        for k in range(fixed.shape[1]):
+            live = np.flatnonzero(fixed[a:b, k])
+            if len(live):
+                # rows of the run outside [live[0], live[-1]] have zero weights here and may read past the strip
+                lo, hi = a + int(live[0]), a + int(live[-1]) + 1
+                w = torch.from_numpy(np.ascontiguousarray(fixed[lo:hi, k])).view(-1, 1)
+                views.append((lo, hi, start + lo - a + k - src_lo, w))
+    return views
 
 
 @lru_cache(maxsize=128)
 def _strips(in_size: int, out_size: int, rows: int) -> tuple[_Strip, ...]:
+    """The vertical pass in strips of ``rows`` output rows, as row views where each strip needs few of them."""
     first, count, fixed = bicubic_coefficients(in_size, out_size)
     stop = first + count
     split = _split(fixed)
@@ -266,8 +293,25 @@ def _strips(in_size: int, out_size: int, rows: int) -> tuple[_Strip, ...]:
         src_lo, src_hi = int(first[lo]), int(stop[hi - 1])
         # taps past ``count`` have zero weights and drop out of the bags
         index = first[lo:hi, None] + np.arange(fixed.shape[1]) - src_lo
-        strips.append(_Strip(lo, hi, src_lo, src_hi, _bag(index, fixed[lo:hi], split)))
+        views = _row_views(first[lo:hi], fixed[lo:hi], src_lo)
+        strips.append(_Strip(lo, hi, src_lo, src_hi, _bag(index, fixed[lo:hi], split), tuple(views)))
+    if max(len(strip.views) for strip in strips) > _MAX_ROW_VIEW_OPS:
+        strips = [_Strip(t.lo, t.hi, t.src_lo, t.src_hi, t.bag, None) for t in strips]
     return tuple(strips)
+
+
+def _run_strip(strip: _Strip, src: torch.Tensor, bias: int, last: bool, ws: _Workspace) -> torch.Tensor:
+    """The vertical pass for one strip over its source rows ``src`` ``[span, D]``: ``[n, D]`` as :func:`_run_bag`.
+
+    An int32 source runs the strip's row views, and so is the result: floored, clamped unless ``last``.
+    """
+    if src.dtype != torch.int32:
+        return _run_bag(strip.bag, src, bias, last)
+    out = ws.get("v_out", strip.hi - strip.lo, src.shape[1]).fill_(bias)
+    for a, b, r, w in strip.views:
+        out[a:b].addcmul_(src[r : r + b - a], w)
+    out.bitwise_right_shift_(PRECISION_BITS)
+    return out if last else out.clamp_(0, 255)
 
 
 class _Workspace:
@@ -362,7 +406,8 @@ class _HorizontalPass:
         return out if last else out.clamp_(0, 255)
 
     def run_into(self, n: int, dst: torch.Tensor) -> None:
-        """The pass as the first of two, its clamped values written into float rows ``dst`` ``[n, C, W']``."""
+        """The pass as the first of two, its clamped values written into rows ``dst`` ``[n, C, W']``
+        (float after a transposed pass, else float or int32)."""
         out = self.run(n, _HALF, last=False)
         if self.plan.transposed:
             # [W', n * C] -> [n * C, W']: a 2-D transpose, torch's blocked copy
@@ -408,15 +453,18 @@ def _resample(
         return
     strips = _strips(height, out_height, rows)
     span = max(s.src_hi - s.src_lo for s in strips)
-    dtype = strips[0].bag.dtype
-    if plan is None or vertical_first(height, width, out_height, out_width):
+    vertical_pass_first = plan is None or vertical_first(height, width, out_height, out_width)
+    # row views read int32 rows; a transposed horizontal pass leaves float ones, which stay so for the bags
+    views = strips[0].views is not None and (vertical_pass_first or not plan.transposed)
+    dtype = torch.int32 if views else strips[0].bag.dtype
+    if vertical_pass_first:
         hpass = _HorizontalPass(plan, rows, channels, ws) if plan is not None else None
         table = ws.get("v_table", span, channels, width, dtype=dtype)
         for strip in strips:
             src = table[: strip.src_hi - strip.src_lo]
             src.numpy()[...] = _planar(image[strip.src_lo : strip.src_hi])
             n = strip.hi - strip.lo
-            values = _run_bag(strip.bag, src.view(src.shape[0], -1), last if hpass is None else _HALF, hpass is None)
+            values = _run_strip(strip, src.view(src.shape[0], -1), last if hpass is None else _HALF, hpass is None, ws)
             values = values.view(n, channels, width)
             if hpass is None:
                 emit(strip.lo, values)
@@ -424,7 +472,7 @@ def _resample(
             hpass.load(values)
             emit(strip.lo, hpass.run(n, last, last=True))
         return
-    # horizontal first: its rows land in a window that slides down the image and is the bags' table
+    # horizontal first: its rows land in a window that slides down the image, the vertical pass's source
     chunk = max(span, _CHUNK_VALUES // (width * channels))
     hpass = _HorizontalPass(plan, chunk, channels, ws)
     capacity = span + chunk
@@ -442,7 +490,7 @@ def _resample(
             hpass.run_into(hi - done, window[done - base : hi - base])
             done = hi
         src = window[strip.src_lo - base : strip.src_hi - base]
-        values = _run_bag(strip.bag, src.view(src.shape[0], -1), last, True)
+        values = _run_strip(strip, src.view(src.shape[0], -1), last, True, ws)
         emit(strip.lo, values.view(strip.hi - strip.lo, channels, out_width))
 
 

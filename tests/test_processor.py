@@ -175,6 +175,27 @@ def test_horizontal_paths(case):
     assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow_two_pass(image, oh, ow))
 
 
+@pytest.mark.parametrize(
+    "case, views",
+    [
+        ((1600, 48, 1596, 48), True),  # vertical only
+        ((1600, 48, 1190, 48), False),
+        ((901, 40, 896, 44), True),  # vertical first
+        ((700, 900, 698, 896), True),  # horizontal first (strided views), then rows
+        ((700, 900, 698, 882), False),  # horizontal first, transposed: its float rows go to the bags
+    ],
+    ids=str,
+)
+def test_vertical_paths(case, views):
+    """Few row runs per strip (int32 row views) and many (the bags), first or second of the passes."""
+    h, w, oh, ow = case
+    strips = _resize._strips(h, oh, _resize._strip_rows(ow, 3, 1))
+    transposed = ow != w and _resize._horizontal(w, ow).transposed and not _resize.vertical_first(h, w, oh, ow)
+    assert (strips[0].views is not None and not transposed) == views
+    image = random_image(h, w, seed=2)
+    assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow_two_pass(image, oh, ow))
+
+
 def test_resize_saturated_images():
     """All-255 and all-0 inputs drive the accumulators to their extremes (overshoot is clamped)."""
     for value in (0, 255):
