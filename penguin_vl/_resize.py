@@ -516,23 +516,29 @@ class Normalisation:
         # shaped for planar [n, C, W] values
         self.mean = torch.from_numpy(mean32)
         self.std = torch.from_numpy(std32)
-        planar = torch.arange(256, dtype=torch.float32).expand(self.channels, 256).reshape(1, self.channels, 256)
-        self.arithmetic = torch.equal(self._apply(planar.clone())[0], self.table)
+        self.arithmetic = all(
+            torch.equal(self._normalise(planar, _Workspace()).div_(self.std)[0], self.table)
+            for planar in (
+                torch.arange(256, dtype=dtype).expand(self.channels, 256).reshape(1, self.channels, 256).clone()
+                for dtype in (torch.float32, torch.int32)
+            )
+        )
         shifted = np.clip(np.arange(_TABLE_SIZE) - _TABLE_OFFSET, 0, 255)
         self.offset_table = self.table[:, shifted].reshape(-1)  # [C * 512], indexed by value + 64
 
-    def _apply(self, values: torch.Tensor) -> torch.Tensor:
-        # the op sequence of :meth:`patches`, in place on planar [n, C, W] values
-        return values.div_(self.divisor).sub_(self.mean).div_(self.std)
+    def _normalise(self, values: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        """Integral planar values ``[n, C, W]`` (float, in place, or int32) to ``clamp(v) / d - mean`` in float32."""
+        if values.is_floating_point():
+            return values.clamp_(0, 255).div_(self.divisor).sub_(self.mean)
+        # the int32 -> float32 conversion happens inside the division, one pass fewer
+        scaled = ws.get("emit", *values.shape, dtype=torch.float32)
+        return torch.div(values.clamp_(0, 255), self.divisor, out=scaled).sub_(self.mean)
 
     def patches(self, values: torch.Tensor, patch: int, merge: int, out: torch.Tensor, ws: _Workspace) -> None:
         """Write a strip ``[n, C, W]`` (floor = uint8 value before its clamp) as patch rows into ``out``."""
         if values.is_floating_point():
             values.floor_()
-        else:
-            values = torch.div(values, 1, out=ws.get("emit", *values.shape, dtype=torch.float32))
-        values.clamp_(0, 255).div_(self.divisor).sub_(self.mean)
-        ordered = _in_patch_order(values, patch, merge)
+        ordered = _in_patch_order(self._normalise(values, ws), patch, merge)
         torch.div(ordered, self.std.view(-1, 1, 1), out=out.view(ordered.shape))
 
     def patches_from_table(
