@@ -14,6 +14,11 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision``: float32 is the parity dtype, so IEEE products, not TF32's 10-bit mantissa."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def check_float(t: object, name: str, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> torch.Tensor:
     """``t`` is a tensor of one of ``dtypes`` on a device the kernels can run on."""
     if not isinstance(t, torch.Tensor):

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import check_float, check_inference, check_like
+from penguin_kernels._checks import check_float, check_inference, check_like, dot_precision
 
 if TYPE_CHECKING:
     from penguin_kernels._compile import CompileCase
@@ -437,16 +437,11 @@ def _varlen_attention_op(
         PACK=pack,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 is the parity dtype: IEEE products, not TF32's 10-bit mantissa.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def varlen_attention_op(
@@ -609,7 +604,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                     "PACK": _pack(group, cfg),
                     "BLOCK_M": cfg.block_m,
                     "BLOCK_N": cfg.block_n,
-                    "DOT_PRECISION": _dot_precision(dtype),
+                    "DOT_PRECISION": dot_precision(dtype),
                 },
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,

@@ -53,7 +53,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import as_rows, check_float, check_inference, check_like, interpreter_active
+from penguin_kernels._checks import (
+    as_rows,
+    check_float,
+    check_inference,
+    check_like,
+    dot_precision,
+    interpreter_active,
+)
 from penguin_kernels._compile import CompileCase
 
 __all__ = ["linear", "gate_up_swiglu", "compile_cases"]
@@ -264,7 +271,7 @@ def launch_gemm(
         SWIGLU=swiglu,
         HAS_RESIDUAL=residual is not None,
         EVEN_K=k % tile.bk == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(x.dtype),
         SPLIT_EPILOGUE=tile.split_epilogue,
         BM=tile.bm,
         BN=tile.bn,
@@ -414,7 +421,7 @@ def gemm_case(
         constexprs=epilogue
         | {
             "EVEN_K": even_k and k_aligned,
-            "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            "DOT_PRECISION": dot_precision(torch.float32 if dtype == "fp32" else torch.bfloat16),
             "SPLIT_EPILOGUE": tile.split_epilogue,
             "BM": tile.bm,
             "BN": tile.bn,

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -296,7 +296,7 @@ def _strips(in_size: int, out_size: int, rows: int) -> tuple[_Strip, ...]:
         views = _row_views(first[lo:hi], fixed[lo:hi], src_lo)
         strips.append(_Strip(lo, hi, src_lo, src_hi, _bag(index, fixed[lo:hi], split), tuple(views)))
     if max(len(strip.views) for strip in strips) > _MAX_ROW_VIEW_OPS:
-        strips = [_Strip(t.lo, t.hi, t.src_lo, t.src_hi, t.bag, None) for t in strips]
+        strips = [replace(strip, views=None) for strip in strips]
     return tuple(strips)
 
 
