@@ -47,6 +47,7 @@ per tap, a gather of single values (``index_select``) ~0.8 ns, a channels-last p
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -55,6 +56,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from penguin_vl import _native
 
 __all__ = ["Normalisation", "bicubic_coefficients", "resize_bicubic", "resize_to_patches", "vertical_first"]
 
@@ -561,6 +564,70 @@ def _in_patch_order(values: torch.Tensor, patch: int, merge: int) -> torch.Tenso
     return values.view(n // block, merge, patch, c, width // block, merge, patch).permute(0, 4, 1, 5, 3, 2, 6)
 
 
+@lru_cache(maxsize=256)
+def _native_filter(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """:func:`bicubic_coefficients` as the compiled resize takes them (int32, contiguous), None if the size stays."""
+    if in_size == out_size:
+        return None
+    first, count, fixed = bicubic_coefficients(in_size, out_size)
+    return first.astype(np.int32), count.astype(np.int32), np.ascontiguousarray(fixed), fixed.shape[1]
+
+
+def _resize_native(
+    lib: ctypes.CDLL,
+    image: np.ndarray,
+    out_height: int,
+    out_width: int,
+    out: torch.Tensor,
+    table: torch.Tensor | None = None,
+    patch: int = 1,
+    merge: int = 1,
+) -> None:
+    """The compiled resize of a uint8 ``[H, W, C]`` image into ``out``: uint8 ``[H', W', C]`` rows, or with
+    ``table`` (float32 ``[C, 256]``) the normalised patch rows of :func:`resize_to_patches`."""
+    row = image.shape[1] * image.shape[2]
+    if image.strides[2] != 1 or image.strides[1] != image.shape[2] or image.strides[0] < row:
+        image = np.ascontiguousarray(image)  # rows may be apart, their values not
+    height, width, channels = image.shape
+    # the C code writes through raw pointers: everything about ``out`` is checked here
+    if table is None:
+        shape, dtype = (out_height, out_width, channels), torch.uint8
+    else:
+        table = table.contiguous()
+        if table.dtype != torch.float32 or tuple(table.shape) != (channels, 256):
+            raise ValueError(f"the table is {table.dtype} {list(table.shape)}, not float32 [{channels}, 256]")
+        if out_height % (patch * merge) or out_width % (patch * merge):
+            raise ValueError(f"{out_height} x {out_width} is not a multiple of patch * merge = {patch * merge}")
+        shape, dtype = ((out_height // patch) * (out_width // patch), channels * patch * patch), torch.float32
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(
+            f"the output must be a contiguous CPU {dtype} tensor of shape {list(shape)}, got "
+            f"{out.dtype} {list(out.shape)} on {out.device} (contiguous: {out.is_contiguous()})"
+        )
+    hf = _native_filter(width, out_width)
+    vf = _native_filter(height, out_height)
+    h = (hf[0].ctypes.data, hf[1].ctypes.data, hf[2].ctypes.data, hf[3]) if hf else (None, None, None, 0)
+    v = (vf[0].ctypes.data, vf[1].ctypes.data, vf[2].ctypes.data, vf[3]) if vf else (None, None, None, 0)
+    status = lib.penguin_resize(
+        image.ctypes.data,
+        image.strides[0],
+        height,
+        width,
+        channels,
+        out_height,
+        out_width,
+        int(vertical_first(height, width, out_height, out_width)),
+        *h,
+        *v,
+        None if table is None else table.data_ptr(),
+        patch,
+        merge,
+        out.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError(f"out of memory resizing a {height} x {width} image to {out_height} x {out_width}")
+
+
 def resize_bicubic(image: np.ndarray | torch.Tensor, out_height: int, out_width: int) -> torch.Tensor:
     """Resize a uint8 ``[H, W, C]`` image exactly as Pillow 13's ``resize((W', H'), BICUBIC)`` does.
 
@@ -572,6 +639,10 @@ def resize_bicubic(image: np.ndarray | torch.Tensor, out_height: int, out_width:
     if out_height < 1 or out_width < 1:
         raise ValueError(f"output size must be positive, got {out_height} x {out_width}")
     out = torch.empty(out_height, out_width, image.shape[2], dtype=torch.uint8)
+    lib = _native.library()
+    if lib is not None:
+        _resize_native(lib, image, out_height, out_width, out)
+        return out
 
     def emit(row: int, strip: torch.Tensor) -> None:
         if strip.is_floating_point():
@@ -598,6 +669,10 @@ def resize_to_patches(
     the merge-block order of SPEC section 3; ``out_height`` and ``out_width`` are multiples of
     ``patch * merge``.
     """
+    lib = _native.library()
+    if lib is not None:
+        _resize_native(lib, image, out_height, out_width, out, norm.table, patch, merge)
+        return
     ws = workspace if workspace is not None else _Workspace()
     grid_w = out_width // patch
     write = norm.patches if norm.arithmetic else norm.patches_from_table

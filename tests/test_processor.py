@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
-from penguin_vl import _resize
+from penguin_vl import _native, _resize
 from penguin_vl._resize import Normalisation, bicubic_coefficients, resize_bicubic, resize_to_patches, vertical_first
 from penguin_vl.processor import ImageProcessor, ProcessorOutput, reference_preprocess, target_sizes
 
@@ -42,6 +42,18 @@ GOLDEN_IMAGES = ("gray_50x900", "pal_320x240", "rgba_333x217")
 palette_warning = pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")
 # PIL modes that convert("RGB") accepts, each made from a random RGB image
 MODES = ("RGB", "RGBA", "P", "L", "LA", "PA", "CMYK", "YCbCr", "I;16", "I", "F", "1")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both resizes: the compiled one (where a C compiler is found) and the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setenv("PENGUIN_VL_NATIVE", "0")
+    else:
+        monkeypatch.delenv("PENGUIN_VL_NATIVE", raising=False)
+        if _native.library() is None:
+            pytest.skip(f"compiled resize: {_native.status()}")
+    return request.param
 
 
 def random_image(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
@@ -155,7 +167,9 @@ def test_resize_matches_pillow(case):
     assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), expected)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     h=st.integers(1, 160), w=st.integers(1, 160), oh=st.integers(1, 200), ow=st.integers(1, 200), seed=st.integers(0, 9)
 )
@@ -301,7 +315,9 @@ def test_modes_match_reference(mode):
 
 
 @requires_pillow13
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     h=st.integers(1, 260),
     w=st.integers(1, 260),
