@@ -1,5 +1,9 @@
-"""Pillow's 8-bit BICUBIC resize, reproduced bit for bit with vectorised torch ops, fused with the
-rescale, normalisation and patch layout of the preprocessor.
+"""Pillow's 8-bit BICUBIC resize, reproduced bit for bit, fused with the rescale, normalisation and
+patch layout of the preprocessor.
+
+:func:`resize_bicubic` and :func:`resize_to_patches` run the compiled twin of this module
+(``csrc/resize.c``, the same arithmetic in C, through :mod:`penguin_vl._native`) where a C compiler
+is found, and the torch ops below otherwise; both give the same bits, and the tests run both.
 
 Pillow resizes a uint8 image in two separable passes, each a fixed-point filter
 (``src/libImaging/Resample.c``). Per axis, with ``scale = in / out`` and ``fs = max(scale, 1)``:
@@ -17,8 +21,8 @@ pass whose size does not change is skipped. The rounding in between makes the or
 result: Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
 pixels as the width (:func:`vertical_first`), the horizontal pass first otherwise.
 
-How it runs. Pixels are laid out per channel (``[rows, C, W]``) and produced in strips of output
-rows. A pass is a sum over taps of rows (vertical) or of columns (horizontal):
+How the torch path runs. Pixels are laid out per channel (``[rows, C, W]``) and produced in strips of
+output rows. A pass is a sum over taps of rows (vertical) or of columns (horizontal):
 
 - Summing rows: when the size changes by a few pixels, a strip's output rows read a few runs of
   consecutive source rows, and each (run, tap) is one int32 ``addcmul`` of a block of rows by a

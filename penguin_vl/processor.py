@@ -4,7 +4,8 @@ The reference (``PenguinVLImageProcessor``) converts each image to RGB with PIL,
 Pillow's BICUBIC to a size that fits the token budget, rescales it through float64, normalises it
 in float32 and cuts it into ``(C, p, p)`` patch rows in merge-block order (SPEC section 3). This
 module gives the same float32 bits. PIL still does the mode conversion (cheap next to the resize);
-the resize, rescale, normalisation and patch layout run as one fused pass per strip of rows
+the resize, rescale, normalisation and patch layout run as one fused pass: a C function compiled on
+first use (:mod:`penguin_vl._native`), or torch ops strip by strip where no C compiler is found
 (:mod:`penguin_vl._resize`), with no float64 pass and no full-size float copy besides the output.
 
 - :meth:`ImageProcessor.__call__` is the reference's ``preprocess`` call: a list is sized as one

@@ -157,6 +157,18 @@ def test_builds_once_into_its_cache(fresh, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("*")) == built
 
 
+def test_portable_build_matches(fresh, monkeypatch):
+    """Built without AVX2 (as on other CPUs), the generic vector code gives the same bits."""
+    monkeypatch.setattr(_native, "_flags", lambda: ["-O2", "-std=c99", "-shared", "-fPIC"])
+    if _native.library() is None:
+        pytest.skip(f"compiled resize: {_native.status()}")
+    rng = np.random.default_rng(6)
+    for _ in range(40):
+        h, w, oh, ow = random_sizes(rng)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow(image, oh, ow)), (h, w, oh, ow)
+
+
 @pytest.mark.parametrize(
     "cc, reason",
     [("/nonexistent/cc", "no C compiler found"), ("false", "failed on resize.c")],
