@@ -589,6 +589,10 @@ def _resize_native(
 ) -> None:
     """The compiled resize of a uint8 ``[H, W, C]`` image into ``out``: uint8 ``[H', W', C]`` rows, or with
     ``table`` (float32 ``[C, 256]``) the normalised patch rows of :func:`resize_to_patches`."""
+    if image.dtype != np.uint8 or image.ndim != 3 or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty uint8 [H, W, C] array, got {image.dtype} {list(image.shape)}")
+    if min(out_height, out_width, patch, merge) < 1:
+        raise ValueError(f"sizes must be positive, got {out_height} x {out_width}, patch {patch}, merge {merge}")
     row = image.shape[1] * image.shape[2]
     if image.strides[2] != 1 or image.strides[1] != image.shape[2] or image.strides[0] < row:
         image = np.ascontiguousarray(image)  # rows may be apart, their values not

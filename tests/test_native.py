@@ -136,6 +136,11 @@ def test_output_is_checked_before_the_call(lib):
     for out, tab in bad:
         with pytest.raises(ValueError):
             _resize_native(lib, image, 28, 28, out, tab, 14, 1)
+    for args in [(np.zeros((30, 30), np.uint8), 28, 28), (image.astype(np.int16), 28, 28), (image, 0, 28)]:
+        with pytest.raises(ValueError):
+            _resize_native(lib, *args, torch.empty(28, 28, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="positive"):
+        _resize_native(lib, image, 28, 28, torch.empty(4, 588), table, 0, 1)
     with pytest.raises(ValueError, match="multiple of patch"):
         _resize_native(lib, image, 42, 42, torch.empty(9, 588), table, 14, 2)
 
