@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -64,14 +65,16 @@ def enabled() -> bool:
     return os.environ.get("PENGUIN_VL_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or (cc if os.path.isfile(cc) else None)
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` (which may carry words, as in ``ccache gcc``), else cc, gcc or clang."""
+    words = shlex.split(os.environ.get("CC", ""))
+    if words:
+        found = shutil.which(words[0])
+        return [found, *words[1:]] if found else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -101,7 +104,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
     flags = _flags()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), platform.machine().encode()]))
+    key = hashlib.sha256(b"\0".join([source, *(s.encode() for s in (*cc, *flags, platform.machine()))]))
     target = _cache_dir() / f"resize-{key.hexdigest()[:20]}.so"
     if not target.exists():
         try:
@@ -111,9 +114,9 @@ def _build() -> ctypes.CDLL:
             raise RuntimeError(f"cannot write to {target.parent} ({exc}); set PENGUIN_VL_CACHE_DIR") from exc
         os.close(fd)
         try:
-            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                raise RuntimeError(f"{Path(cc).name} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{Path(cc[0]).name} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -174,6 +174,19 @@ def test_portable_build_matches(fresh, monkeypatch):
         assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow(image, oh, ow)), (h, w, oh, ow)
 
 
+def test_cc_may_carry_words(fresh, monkeypatch, tmp_path):
+    """``CC="wrapper gcc"``, as ccache users set it: the first word is the program."""
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/called"\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    compiler = _native._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", f"{wrapper} {compiler[0]}")
+    assert _native.library() is not None, _native.status()
+    assert (tmp_path / "called").read_text().startswith(compiler[0])
+
+
 @pytest.mark.parametrize(
     "cc, reason",
     [("/nonexistent/cc", "no C compiler found"), ("false", "failed on resize.c")],
