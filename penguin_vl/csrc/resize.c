@@ -37,7 +37,6 @@
 #define LANES 8
 
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
 
 #if defined(__AVX2__)
 #include <immintrin.h>
