@@ -57,15 +57,9 @@ def _on_the_torch_path(fn):
     """``fn`` run with the compiled resize switched off."""
 
     def run(*args):
-        previous = os.environ.get("PENGUIN_VL_NATIVE")
-        os.environ["PENGUIN_VL_NATIVE"] = "0"
-        try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PENGUIN_VL_NATIVE", "0")
             return fn(*args)
-        finally:
-            if previous is None:
-                del os.environ["PENGUIN_VL_NATIVE"]
-            else:
-                os.environ["PENGUIN_VL_NATIVE"] = previous
 
     return run
 

@@ -35,7 +35,6 @@ _library: ctypes.CDLL | None = None
 _reason = "not built yet"
 _tried = False
 
-_i32p = ctypes.POINTER(ctypes.c_int32)
 _ARGTYPES = [
     ctypes.c_void_p,  # src
     ctypes.c_int64,  # src_stride

@@ -568,6 +568,11 @@ def _in_patch_order(values: torch.Tensor, patch: int, merge: int) -> torch.Tenso
     return values.view(n // block, merge, patch, c, width // block, merge, patch).permute(0, 4, 1, 5, 3, 2, 6)
 
 
+def _check_image(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty uint8 [H, W, C] array, got {image.dtype} {list(image.shape)}")
+
+
 @lru_cache(maxsize=256)
 def _native_filter(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
     """:func:`bicubic_coefficients` as the compiled resize takes them (int32, contiguous), None if the size stays."""
@@ -589,8 +594,7 @@ def _resize_native(
 ) -> None:
     """The compiled resize of a uint8 ``[H, W, C]`` image into ``out``: uint8 ``[H', W', C]`` rows, or with
     ``table`` (float32 ``[C, 256]``) the normalised patch rows of :func:`resize_to_patches`."""
-    if image.dtype != np.uint8 or image.ndim != 3 or 0 in image.shape:
-        raise ValueError(f"image must be a non-empty uint8 [H, W, C] array, got {image.dtype} {list(image.shape)}")
+    _check_image(image)
     if min(out_height, out_width, patch, merge) < 1:
         raise ValueError(f"sizes must be positive, got {out_height} x {out_width}, patch {patch}, merge {merge}")
     row = image.shape[1] * image.shape[2]
@@ -642,8 +646,7 @@ def resize_bicubic(image: np.ndarray | torch.Tensor, out_height: int, out_width:
     Returns a new uint8 ``[out_height, out_width, C]`` tensor.
     """
     image = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or 0 in image.shape:
-        raise ValueError(f"image must be a non-empty uint8 [H, W, C] array, got {image.dtype} {list(image.shape)}")
+    _check_image(image)
     if out_height < 1 or out_width < 1:
         raise ValueError(f"output size must be positive, got {out_height} x {out_width}")
     out = torch.empty(out_height, out_width, image.shape[2], dtype=torch.uint8)

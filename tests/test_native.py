@@ -37,12 +37,9 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 
 
 def torch_path(fn, *args):
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("PENGUIN_VL_NATIVE", "0")
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PENGUIN_VL_NATIVE", "0")
         return fn(*args)
-    finally:
-        monkey.undo()
 
 
 def pillow(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -180,14 +180,10 @@ typedef struct {
     uint8_t *band;       /* the patch rows' p image rows */
 } sink;
 
-/* The p x p values of one channel of one patch, through the channel's table (P, C > 0: known at compile time). */
+/* The p x p values of one channel of one patch, through the channel's table. Inlined: called with
+ * constant p and C, the loops are unrolled for them. */
 static inline void patch_values(const uint8_t *block, int64_t row_values, int32_t p, int32_t C, const float *t,
-                                float *restrict d, const int32_t P, const int32_t CC) {
-    if (P && CC) {
-        for (int32_t py = 0; py < P; py++, block += row_values, d += P)
-            for (int32_t px = 0; px < P; px++) d[px] = t[block[px * CC]];
-        return;
-    }
+                                float *restrict d) {
     for (int32_t py = 0; py < p; py++, block += row_values, d += p)
         for (int32_t px = 0; px < p; px++) d[px] = t[block[px * C]];
 }
@@ -203,9 +199,9 @@ static void flush_band(const sink *s, int32_t gy) {
         const uint8_t *block = s->band + gx * p * C;
         for (int32_t c = 0; c < C; c++) {
             if (released)
-                patch_values(block + c, row_values, p, C, s->table + c * 256, dst + c * pp, 14, 3);
+                patch_values(block + c, row_values, 14, 3, s->table + c * 256, dst + c * pp);
             else
-                patch_values(block + c, row_values, p, C, s->table + c * 256, dst + c * pp, 0, 0);
+                patch_values(block + c, row_values, p, C, s->table + c * 256, dst + c * pp);
         }
     }
 }
