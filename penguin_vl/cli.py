@@ -283,7 +283,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
         "batch_tokens": args.batch_tokens,
-        **enc.processor_settings(processor),
+        **processor.settings.metadata(),
     }
     if args.model == enc.RANDOM:
         settings["seed"] = args.seed
