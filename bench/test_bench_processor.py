@@ -72,7 +72,7 @@ def _record_throughput(benchmark, result, megapixels: float) -> None:
     info["mpix_per_s"] = megapixels / result.seconds
     info["baseline_reference_mpix_per_s"] = megapixels / (info["baseline_reference_ms"] / 1e3)
     info["threads"] = torch.get_num_threads()
-    info["resize"] = str(resize_backend())
+    info["resize"] = resize_backend().reason
 
 
 @pytest.mark.parametrize("merge", [1, 2], ids=lambda m: f"m{m}")

@@ -107,9 +107,6 @@ class ResizeBackend:
     name: str
     reason: str
 
-    def __str__(self) -> str:
-        return f"{self.name} ({self.reason})"
-
 
 def backend() -> ResizeBackend:
     """The resize in use now (builds the compiled one on the first call, as a resize would)."""

@@ -308,6 +308,7 @@ class ImageProcessor:
 
     @classmethod
     def from_settings(cls, settings: ProcessorSettings, *, num_threads: int = 1) -> ImageProcessor:
+        """A processor with these settings."""
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}, num_threads=num_threads)
 
     @classmethod

@@ -215,4 +215,4 @@ def test_disabled_by_the_environment(monkeypatch):
 
 def test_backend_names_the_compiled_library(lib):
     backend = resize_backend()
-    assert backend.name == "compiled" and backend.reason.startswith("compiled (") and ".so" in str(backend)
+    assert backend.name == "compiled" and backend.reason.startswith("compiled (") and ".so" in backend.reason

@@ -59,7 +59,7 @@ def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.delenv("PENGUIN_VL_NATIVE", raising=False)
     backend = resize_backend()
     if backend.name != request.param:
-        pytest.skip(f"{request.param} resize not in use: {backend}")
+        pytest.skip(f"{request.param} resize not in use: {backend.reason}")
     return request.param
 
 
