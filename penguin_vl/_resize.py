@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from penguin_vl import _native
+from penguin_vl._native import library, status
 
 __all__ = [
     "Normalisation",
@@ -110,8 +110,8 @@ class ResizeBackend:
 
 def backend() -> ResizeBackend:
     """The resize in use now (builds the compiled one on the first call, as a resize would)."""
-    lib = _native.library()
-    return ResizeBackend("compiled" if lib is not None else "pillow", _native.status())
+    lib = library()
+    return ResizeBackend("compiled" if lib is not None else "pillow", status())
 
 
 class Normalisation:
@@ -215,7 +215,7 @@ def _resize_native(
     vf = _native_filter(height, out_height)
     h = (hf[0].ctypes.data, hf[1].ctypes.data, hf[2].ctypes.data, hf[3]) if hf else (None, None, None, 0)
     v = (vf[0].ctypes.data, vf[1].ctypes.data, vf[2].ctypes.data, vf[3]) if vf else (None, None, None, 0)
-    status = lib.penguin_resize(
+    code = lib.penguin_resize(
         image.ctypes.data,
         image.strides[0],
         height,
@@ -231,7 +231,7 @@ def _resize_native(
         merge,
         out.data_ptr(),
     )
-    if status != 0:
+    if code != 0:
         raise MemoryError(f"out of memory resizing a {height} x {width} image to {out_height} x {out_width}")
 
 
@@ -255,7 +255,7 @@ def resize_bicubic(image: np.ndarray | torch.Tensor, out_height: int, out_width:
     _check_image(image)
     if out_height < 1 or out_width < 1:
         raise ValueError(f"output size must be positive, got {out_height} x {out_width}")
-    lib = _native.library()
+    lib = library()
     if lib is None:
         return torch.from_numpy(_pillow_resize(image, out_height, out_width).copy())
     out = torch.empty(out_height, out_width, image.shape[2], dtype=torch.uint8)
@@ -272,7 +272,7 @@ def resize_to_patches(
     the merge-block order of SPEC section 3; ``out_height`` and ``out_width`` are multiples of
     ``patch * merge``.
     """
-    lib = _native.library()
+    lib = library()
     if lib is not None:
         _resize_native(lib, image, out_height, out_width, out, norm.table, patch, merge)
         return
