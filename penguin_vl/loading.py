@@ -227,8 +227,9 @@ def save_encoder(
     """Write ``config.json`` and safetensors weights for ``model`` into directory ``path``.
 
     ``prefix`` puts the encoder's tensors behind a prefix as a full Penguin-VL checkpoint does (then the
-    encoder config is nested under ``vision_encoder_config``); ``max_shard_bytes`` splits the weights into
-    shards with a ``model.safetensors.index.json``.
+    encoder config is nested under ``vision_encoder_config``, and the projector's tensors go under
+    ``projector_prefix`` beside the outermost ``vision_encoder.`` of ``prefix``); ``max_shard_bytes``
+    splits the weights into shards with a ``model.safetensors.index.json``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,7 @@ def save_encoder(
     tensors = {}
     for name, t in model.state_dict().items():
         if name.startswith("projector."):
-            base = prefix.rsplit("vision_encoder.", 1)[0] if "vision_encoder." in prefix else prefix
+            base = prefix.split("vision_encoder.", 1)[0]
             tensors[base + projector_prefix + name[len("projector.") :]] = t.contiguous()
         else:
             tensors[prefix + name] = t.contiguous()
