@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
 
-if TYPE_CHECKING:
-    from penguin_vl.model import PenguinEncoder
+# The encoder class is passed in (loading knows the model only by its constructor and state dict).
+Model = TypeVar("Model", bound=torch.nn.Module)
 
 __all__ = [
     "FUSED_LINEARS",
@@ -120,13 +120,13 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_encoder(
-    cls: type[PenguinEncoder],
+    cls: type[Model],
     path: str | Path,
     *,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
     load_projector: bool,
-) -> PenguinEncoder:
+) -> Model:
     """Build ``cls`` on the meta device and assign the checkpoint's tensors (read once, at ``dtype``)."""
     path = Path(path)
     if dtype is not None and dtype not in _DTYPES:
@@ -216,7 +216,7 @@ def _read_tensors(
 
 
 def save_encoder(
-    model: PenguinEncoder,
+    model: torch.nn.Module,
     path: str | Path,
     *,
     prefix: str = "",
@@ -224,7 +224,7 @@ def save_encoder(
     max_shard_bytes: int | None = None,
     extra_config: dict | None = None,
 ) -> Path:
-    """Write ``config.json`` and safetensors weights for ``model`` into directory ``path``.
+    """Write ``config.json`` and safetensors weights for ``model`` (a ``PenguinEncoder``) into directory ``path``.
 
     ``prefix`` puts the encoder's tensors behind a prefix as a full Penguin-VL checkpoint does (then the
     encoder config is nested under ``vision_encoder_config``, and the projector's tensors go under

@@ -162,7 +162,7 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, ops: ModuleType) -> torch.Tensor:
         w = self.patch_embedding.weight
-        return ops.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1), self.patch_embedding.bias)
+        return ops.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)
 
 
 class Encoder(nn.Module):
@@ -241,7 +241,11 @@ def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> tor
 
 
 def packing(
-    ops: ModuleType, grid_sizes: torch.Tensor, merge_sizes: torch.Tensor, items: list[tuple[int, int, int, int]], device
+    ops: ModuleType,
+    grid_sizes: torch.Tensor,
+    merge_sizes: torch.Tensor,
+    items: list[tuple[int, int, int, int]],
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(positions, cu_seqlens, max_seqlen)`` of a packed batch on ``device``, from the grid read once
     on the host by :func:`check_grid` (so the device work needs no sync)."""
