@@ -8,13 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from penguin_vl import PenguinEncoder, PenguinEncoderConfig
 from penguin_vl.hf import accelerate_encoder, accelerate_penguin_vl, find_encoders
 from tests.test_model import GOLDEN, GOLDEN_TOL, requires_golden
-from tests.utils import assert_rel_close
+from tests.test_model_training import unfused_features
+from tests.utils import INTERPRETER, assert_rel_close, device
 
 
 class _Norm(nn.Module):
@@ -225,3 +227,72 @@ def test_calls_the_kernels_cannot_run_go_to_the_original_forward():
     assert module(_pixels(torch.float32), *GRIDS) == "upstream forward"
     with pytest.raises(ValueError, match="backend"):
         accelerate_encoder(module, backend="cuda")
+
+
+class UpstreamComputingEncoder(UpstreamLikeEncoder):
+    """The upstream layout with a forward of its own: SPEC section 4 on its separate Parameters."""
+
+    def forward(self, pixel_values, grid_sizes, merge_sizes, output_hidden_states=False, **kwargs):
+        config = PenguinEncoderConfig.from_dict(self.config.to_dict())
+        return unfused_features(dict(self.named_parameters()), config, pixel_values, grid_sizes, merge_sizes)
+
+
+class _Projector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.readout = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(x)
+
+
+class _VLM(nn.Module):
+    """A Penguin-VL-shaped model: vision encoder, projector, and a head standing in for the LLM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Bag(vision_encoder=UpstreamComputingEncoder(SMALL), vision_projector=_Projector(32, 24))
+        self.lm_head = nn.Linear(24, 5)
+
+    def forward(self, pixel_values, grid_sizes, merge_sizes, labels):
+        feats = self.model.vision_projector(self.model.vision_encoder(pixel_values, grid_sizes, merge_sizes))
+        return F.cross_entropy(self.lm_head(feats), labels)
+
+
+def test_training_step_of_a_vlm_matches_the_unaccelerated_one():
+    torch.manual_seed(0)
+    plain = _VLM().double().train()
+    accelerated = accelerate_penguin_vl(copy.deepcopy(plain), backend="torch")
+    pv = _pixels()
+    labels = torch.randint(0, 5, (9,), generator=torch.Generator().manual_seed(2))
+    results = []
+    for vlm in (plain, accelerated):
+        opt = torch.optim.AdamW(vlm.parameters(), lr=1e-3)
+        loss = vlm(pv, *GRIDS, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in vlm.named_parameters()}
+        opt.step()
+        results.append((loss.detach(), grads, vlm(pv, *GRIDS, labels).detach()))
+    (loss_a, grads_a, after_a), (loss_b, grads_b, after_b) = results
+    assert accelerated.model.vision_encoder.forward.__func__ is not UpstreamComputingEncoder.forward
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        assert_rel_close(grads_b[name], g, 1e-10, name)
+    torch.testing.assert_close(after_b, after_a, rtol=1e-10, atol=0)
+
+
+KERNEL_SIZED = {**SMALL, "head_dim": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETER), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_drop_in_matches_the_torch_backend():
+    ours = PenguinEncoder.from_config(PenguinEncoderConfig.from_dict(KERNEL_SIZED), backend="torch", seed=6)
+    module = UpstreamLikeEncoder(KERNEL_SIZED)
+    module.load_state_dict(ours.state_dict(), strict=True)
+    module.to(device())
+    accelerate_encoder(module, backend="triton")
+    pv = _pixels(torch.float32)
+    with torch.inference_mode():
+        out = module(pv.to(device()), *GRIDS)
+        assert_rel_close(out.cpu(), ours(pv, *GRIDS), 1e-5, "triton drop-in vs torch backend")

@@ -32,9 +32,8 @@ def _batch(dtype: torch.dtype = torch.float64, seed: int = 0):
     return pixel_values.requires_grad_(), torch.tensor(GRIDS), torch.tensor(MERGES)
 
 
-def _unfused_forward(w: dict[str, torch.Tensor], pixel_values, grid_sizes, merge_sizes) -> torch.Tensor:
+def unfused_features(w: dict[str, torch.Tensor], c: PenguinEncoderConfig, pixel_values, grid_sizes, merge_sizes):
     """SPEC section 4 step by step on the released tensor names: separate q/k/v and gate/up linears."""
-    c = CFG
     items = check_grid(pixel_values, grid_sizes, merge_sizes, c.patch_dim)
     positions, cu_seqlens = reference.rope_positions(grid_sizes, merge_sizes)
     conv = w["embeddings.patch_embedding.weight"]
@@ -43,7 +42,9 @@ def _unfused_forward(w: dict[str, torch.Tensor], pixel_values, grid_sizes, merge
     for i in range(c.num_hidden_layers):
         p = f"encoder.layers.{i}."
         h = reference.rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
-        proj = {n: F.linear(h, w[f"{p}self_attn.{n}_proj.weight"], w[f"{p}self_attn.{n}_proj.bias"]) for n in "qkv"}
+        proj = {
+            n_: F.linear(h, w[f"{p}self_attn.{n_}_proj.weight"], w.get(f"{p}self_attn.{n_}_proj.bias")) for n_ in "qkv"
+        }
         q = proj["q"].view(n, c.num_attention_heads, c.head_dim)
         k = proj["k"].view(n, c.num_key_value_heads, c.head_dim)
         v = proj["v"].view(n, c.num_key_value_heads, c.head_dim)
@@ -52,11 +53,15 @@ def _unfused_forward(w: dict[str, torch.Tensor], pixel_values, grid_sizes, merge
             theta=c.rope_theta, eps=c.rms_norm_eps,
         )  # fmt: skip
         a = reference.varlen_attention(q, k, v, cu_seqlens).reshape(n, -1)
-        x = x + F.linear(a, w[p + "self_attn.o_proj.weight"], w[p + "self_attn.o_proj.bias"])
+        x = x + F.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
         h2 = reference.rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
         gate = F.linear(h2, w[p + "mlp.gate_proj.weight"])
         x = x + F.linear(F.silu(gate) * F.linear(h2, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
-    x = merge_tokens(reference.rms_norm(x, w["encoder.norm.weight"], c.rms_norm_eps), items)
+    return merge_tokens(reference.rms_norm(x, w["encoder.norm.weight"], c.rms_norm_eps), items)
+
+
+def _unfused_forward(w: dict[str, torch.Tensor], pixel_values, grid_sizes, merge_sizes) -> torch.Tensor:
+    x = unfused_features(w, CFG, pixel_values, grid_sizes, merge_sizes)
     hidden = F.gelu(F.linear(x, w["projector.readout.0.weight"], w["projector.readout.0.bias"]))
     return F.linear(hidden, w["projector.readout.2.weight"], w["projector.readout.2.bias"])
 
