@@ -162,7 +162,8 @@ def _build(args: argparse.Namespace, device: str = "cuda") -> Problem:
         head_dim=hd,
         rope_theta=args.theta,
     )
-    model = PenguinEncoder.from_config(config, dtype=dtype, device=device, backend=args.impl)
+    # inference: the encoder records the autograd graph for weights that require grad
+    model = PenguinEncoder.from_config(config, dtype=dtype, device=device, backend=args.impl).requires_grad_(False)
     inputs = make_inputs(wl, patch_dim=config.patch_dim, device=device, dtype=dtype)
     run = lambda: model(inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes)
     flops = wl.encoder_flops(args.layers, D, H, KV, hd, inter, config.patch_dim)

@@ -245,7 +245,8 @@ def encode(
                 continue
             t0 = time.perf_counter()
             pixel_values = item.pixel_values.to(device, non_blocking=True)
-            feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
+            with torch.inference_mode():
+                feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
             host, event = feats, None
             if on_cuda:
                 host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
