@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from penguin_kernels.device import DTYPES, interpreter_active
 
-
-def interpreter_active() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DTYPES = tuple(DTYPES.values())
 
 
 def dot_precision(dtype: torch.dtype) -> str:

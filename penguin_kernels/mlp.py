@@ -41,30 +41,52 @@ import torch
 from torch.library import triton_op
 
 from penguin_kernels._checks import check_inference
-from penguin_kernels._compile import CompileCase
-from penguin_kernels.gemm import check_bias, check_input, check_residual, check_weight, launch_gemm
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.gemm import Tile, check_bias, check_input, check_residual, check_weight, launch_gemm
 
-__all__ = ["swiglu_mlp", "projector_mlp", "compile_cases"]
+__all__ = ["MlpTiles", "swiglu_mlp", "projector_mlp", "compile_cases"]
+
+
+# The tiles of the two GEMMs, in call order; ``None`` takes the shipped choice for both.
+MlpTiles = tuple[Tile, Tile]
+
+
+def _swiglu_mlp(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None,
+    tiles: MlpTiles | None,
+) -> torch.Tensor:
+    first, second = tiles or (None, None)
+    rows = x.view(-1, x.shape[-1])
+    h = launch_gemm(rows, w_gate_up, None, None, swiglu=True, tile=first)
+    res = None if residual is None else residual.view(-1, residual.shape[-1])
+    y = launch_gemm(h, w_down, None, res, tile=second)
+    return y.view(*x.shape[:-1], w_down.shape[0])
+
+
+def _projector_mlp(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, tiles: MlpTiles | None
+) -> torch.Tensor:
+    first, second = tiles or (None, None)
+    h = launch_gemm(x.view(-1, x.shape[-1]), w1, b1, None, gelu=True, tile=first)
+    y = launch_gemm(h, w2, b2, None, tile=second)
+    return y.view(*x.shape[:-1], w2.shape[0])
 
 
 @triton_op("penguin::swiglu_mlp", mutates_args=())
 def _swiglu_mlp_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None
 ) -> torch.Tensor:
-    rows = x.view(-1, x.shape[-1])
-    h = launch_gemm(rows, w_gate_up, None, None, swiglu=True)
-    res = None if residual is None else residual.view(-1, residual.shape[-1])
-    y = launch_gemm(h, w_down, None, res)
-    return y.view(*x.shape[:-1], w_down.shape[0])
+    return _swiglu_mlp(x, w_gate_up, w_down, residual, None)
 
 
 @triton_op("penguin::projector_mlp", mutates_args=())
 def _projector_mlp_op(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
-    h = launch_gemm(x.view(-1, x.shape[-1]), w1, b1, None, gelu=True)
-    y = launch_gemm(h, w2, b2, None)
-    return y.view(*x.shape[:-1], w2.shape[0])
+    return _projector_mlp(x, w1, b1, w2, b2, None)
 
 
 def _check_gate_up(w_gate_up: object, x: torch.Tensor) -> int:
@@ -79,6 +101,8 @@ def swiglu_mlp(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None = None,
+    *,
+    config: MlpTiles | None = None,
 ) -> torch.Tensor:
     """``(silu(x Wg^T) * (x Wu^T)) Wd^T (+ residual)`` in two kernels.
 
@@ -87,6 +111,8 @@ def swiglu_mlp(
         w_gate_up: ``[2I, D]`` = ``cat([Wg, Wu])``.
         w_down: ``[D_out, I]``.
         residual: optional ``[..., D_out]``, added in the down projection's epilogue.
+        config: ``(gate/up tile, down tile)`` in place of the shipped ones, for tuning; the launches
+            then run outside the registered op.
 
     Returns:
         ``[..., D_out]`` in the dtype of ``x``. The ``[..., I]`` SwiGLU product is the only
@@ -98,11 +124,19 @@ def swiglu_mlp(
     if residual is not None:
         check_residual(residual, x, (*x.shape[:-1], w_down.shape[0]))
     check_inference(x=x, w_gate_up=w_gate_up, w_down=w_down, residual=residual)
+    if config is not None:
+        return _swiglu_mlp(x, w_gate_up, w_down, residual, config)
     return _swiglu_mlp_op(x, w_gate_up, w_down, residual)
 
 
 def projector_mlp(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    config: MlpTiles | None = None,
 ) -> torch.Tensor:
     """Penguin-VL's projector ``gelu(x W1^T + b1) W2^T + b2`` (exact erf GELU) in two kernels.
 
@@ -110,6 +144,7 @@ def projector_mlp(
         x: ``[..., D]`` float16/bfloat16/float32 encoder features, contiguous in the last dim.
         w1: ``[H, D]``, b1: ``[H]``; w2: ``[H_out, H]``, b2: ``[H_out]`` (``D = 1024``,
             ``H = H_out = 2048`` for Penguin-VL-2B, 4096 for 8B).
+        config: ``(first tile, second tile)`` in place of the shipped ones, for tuning.
 
     Returns:
         ``[..., H_out]`` in the dtype of ``x``; ``gelu(x W1^T + b1)`` is rounded once to that dtype.
@@ -120,6 +155,8 @@ def projector_mlp(
     check_weight(w2, "w2", x, w1.shape[0], "w1 (its out_features)")
     check_bias(b2, "b2", x, w2.shape[0])
     check_inference(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    if config is not None:
+        return _projector_mlp(x, w1, b1, w2, b2, config)
     return _projector_mlp_op(x, w1, b1, w2, b2)
 
 

@@ -32,15 +32,17 @@ Performance design:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from penguin_kernels._checks import as_rows, check_float, check_inference, check_like
-from penguin_kernels._compile import CompileCase
+from penguin_kernels.compile_case import CompileCase
 
-__all__ = ["rms_norm", "rms_norm_residual", "compile_cases"]
+__all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "compile_cases"]
 
 MAX_WIDTH = 32768
 
@@ -84,15 +86,23 @@ def _rms_norm_kernel(
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_d[None, :], b_y.to(y_ptr.dtype.element_ty), mask=m_x)
 
 
-def _config(d: int) -> tuple[int, int, int]:
-    """``(BM, BD, num_warps)`` for rows of width ``d``."""
+@dataclass(frozen=True)
+class NormConfig:
+    """Rows per program and warps; the row is always held whole, in a power-of-two block."""
+
+    block_m: int
+    num_warps: int
+
+
+def select_config(d: int) -> NormConfig:
+    """The shipped configuration for rows of width ``d``: ~4096 elements per program, 4 to 16 warps."""
     bd = triton.next_power_of_2(d)
     bm = max(1, min(16, 4096 // bd))
-    return bm, bd, min(16, max(4, bm * bd // 1024))
+    return NormConfig(block_m=bm, num_warps=min(16, max(4, bm * bd // 1024)))
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, config: NormConfig | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     rows = x.view(-1, x.shape[-1])
     res = None if residual is None else residual.view(-1, residual.shape[-1])
@@ -100,7 +110,8 @@ def _launch(
     y = torch.empty((m, d), dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty((m, d), dtype=x.dtype, device=x.device)
     if m > 0:
-        bm, bd, num_warps = _config(d)
+        cfg = config or select_config(d)
+        bm = cfg.block_m
         wrap_triton(_rms_norm_kernel)[(triton.cdiv(m, bm),)](
             rows,
             rows if res is None else res,
@@ -116,8 +127,8 @@ def _launch(
             eps,
             HAS_RESIDUAL=res is not None,
             BM=bm,
-            BD=bd,
-            num_warps=num_warps,
+            BD=triton.next_power_of_2(d),
+            num_warps=cfg.num_warps,
         )
     y = y.view(x.shape)
     return y, None if s is None else s.view(x.shape)
@@ -125,14 +136,14 @@ def _launch(
 
 @triton_op("penguin::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
+    return _launch(x, None, weight, eps, None)[0]
 
 
 @triton_op("penguin::rms_norm_residual", mutates_args=())
 def _rms_norm_residual_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps, None)
 
 
 def _check(x: object, weight: object, eps: object) -> None:
@@ -152,7 +163,7 @@ def _check(x: object, weight: object, eps: object) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormConfig | None = None) -> torch.Tensor:
     """``weight * cast(x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32.
 
     Args:
@@ -160,17 +171,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             tensor is read in place); ``1 <= D <= 32768``.
         weight: ``[D]``, same dtype and device as ``x``.
         eps: added to the mean square.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning; the
+            launch then runs outside the registered op.
 
     Returns:
         ``[..., D]`` contiguous, dtype of ``x``.
     """
     _check(x, weight, eps)
     check_inference(x=x, weight=weight)
+    if config is not None:
+        return _launch(x, None, weight, float(eps), config)[0]
     return _rms_norm_op(x, weight, float(eps))
 
 
 def rms_norm_residual(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (rounded to the input dtype) and ``rms_norm(s)``, in one pass.
 
@@ -178,6 +193,7 @@ def rms_norm_residual(
         x, residual: ``[..., D]`` of the same shape, dtype and device, contiguous in the last dim.
         weight: ``[D]``.
         eps: added to the mean square.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning.
 
     Returns:
         ``(normed, s)``, both ``[..., D]`` contiguous in the dtype of ``x``.
@@ -188,6 +204,8 @@ def rms_norm_residual(
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the shape of x {tuple(x.shape)}")
     as_rows(residual, "residual")
     check_inference(x=x, residual=residual, weight=weight)
+    if config is not None:
+        return _launch(x, residual, weight, float(eps), config)
     return _rms_norm_residual_op(x, residual, weight, float(eps))
 
 
@@ -196,7 +214,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
     cases = []
     for dtype in ("bf16", "fp32"):
         for d in (1024, 4096):
-            bm, bd, num_warps = _config(d)
+            cfg = select_config(d)
             for residual in (False, True):
                 ptr = f"*{dtype}"
                 cases.append(
@@ -206,8 +224,8 @@ def compile_cases(arch: int) -> list[CompileCase]:
                         signature={"x_ptr": ptr, "r_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "s_ptr": ptr}
                         | dict.fromkeys(("M", "D", "stride_xm", "stride_rm", "stride_ym", "stride_sm"), "i32")
                         | {"eps": "fp32"},
-                        constexprs={"HAS_RESIDUAL": residual, "BM": bm, "BD": bd},
-                        num_warps=num_warps,
+                        constexprs={"HAS_RESIDUAL": residual, "BM": cfg.block_m, "BD": triton.next_power_of_2(d)},
+                        num_warps=cfg.num_warps,
                         num_stages=1,
                         aligned=("D", "stride_xm", "stride_rm", "stride_ym", "stride_sm"),
                     )

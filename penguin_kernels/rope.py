@@ -57,8 +57,7 @@ device with a fixed number of vectorised torch ops (no loop over items or frames
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -67,11 +66,10 @@ from torch.library import triton_op, wrap_triton
 
 from penguin_kernels import reference
 from penguin_kernels._checks import check_float, check_inference, check_like
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import device_info
 
-if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
-
-__all__ = ["qk_norm_rope_2d", "rope_positions", "compile_cases"]
+__all__ = ["RopeConfig", "check_grid_sizes", "qk_norm_rope_2d", "rope_positions", "select_config", "compile_cases"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _TILE_ELEMENTS = 1024
@@ -194,22 +192,24 @@ def _qk_norm_rope_2d_kernel(
         tl.store(p_out + HD // 2, b_o2.to(dtype), mask=m_n[:, None])
 
 
-def _block_n(head_dim: int) -> int:
-    return _TILE_ELEMENTS * 2 // head_dim
+@dataclass(frozen=True)
+class RopeConfig:
+    """Tokens per program and warps of :func:`_qk_norm_rope_2d_kernel`."""
+
+    block_n: int
+    num_warps: int = _NUM_WARPS
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def select_config(head_dim: int) -> RopeConfig:
+    """The shipped configuration: half-head tiles of ``_TILE_ELEMENTS`` elements on 4 warps."""
+    return RopeConfig(block_n=_TILE_ELEMENTS * 2 // head_dim)
 
 
-def _grid(device: torch.device, n_tokens: int, n_heads: int, block_n: int) -> tuple[int, int, int]:
-    """``(token blocks, head splits, heads per program)``; heads split only if tokens cannot fill the GPU."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        # The interpreter runs programs one at a time: no split beyond what a tiny batch exercises.
-        sms = 1
+def _grid(sms: int, n_tokens: int, n_heads: int, block_n: int) -> tuple[int, int, int]:
+    """``(token blocks, head splits, heads per program)``; heads split only if tokens cannot fill the GPU.
+
+    The interpreter counts as one SM: it runs programs one at a time, and a tiny batch still splits.
+    """
     n_blocks = triton.cdiv(n_tokens, block_n)
     splits = min(n_heads, triton.cdiv(_PROGRAMS_PER_SM * sms, n_blocks))
     per_program = triton.cdiv(n_heads, splits)
@@ -226,14 +226,27 @@ def _qk_norm_rope_2d_op(
     inv_freq: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, eps, None)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    eps: float,
+    config: RopeConfig | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, h, hd = q.shape
     kv = k.shape[1]
     q_out = torch.empty((n, h, hd), dtype=q.dtype, device=q.device)
     k_out = torch.empty((n, kv, hd), dtype=k.dtype, device=k.device)
     if n == 0:
         return q_out, k_out
-    block_n = _block_n(hd)
-    n_blocks, n_splits, per_program = _grid(q.device, n, h + kv, block_n)
+    cfg = config or select_config(hd)
+    n_blocks, n_splits, per_program = _grid(device_info(q.device).sm_count, n, h + kv, cfg.block_n)
     wrap_triton(_qk_norm_rope_2d_kernel)[(n_blocks, n_splits)](
         q,
         k,
@@ -255,8 +268,8 @@ def _qk_norm_rope_2d_op(
         positions.stride(1),
         eps,
         HD=hd,
-        BLOCK_N=block_n,
-        num_warps=_NUM_WARPS,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
     )
     return q_out, k_out
 
@@ -294,6 +307,7 @@ def qk_norm_rope_2d(
     *,
     theta: float,
     eps: float,
+    config: RopeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k followed by the half-split 2D rotary, in one kernel.
 
@@ -309,6 +323,8 @@ def qk_norm_rope_2d(
         positions: int32 ``[N, 2]`` ``(row, col)`` per token, as :func:`rope_positions` builds them.
         theta: rotary base (``rope_theta``), positive.
         eps: RMSNorm epsilon, non-negative.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning; the
+            launch then runs outside the registered op.
 
     ``hd`` must be a power of two from 16 to 256.
 
@@ -345,10 +361,16 @@ def qk_norm_rope_2d(
         raise ValueError(f"eps must be non-negative; got {eps}")
     check_inference(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     inv_freq = _inv_freq(hd, float(theta), q.device)
+    if config is not None:
+        return _launch(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps), config)
     return _qk_norm_rope_2d_op(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps))
 
 
-def _check_grid(grid_sizes: object, merge_sizes: object) -> None:
+def check_grid_sizes(grid_sizes: object, merge_sizes: object) -> None:
+    """``grid_sizes`` ``[B, 3]`` and ``merge_sizes`` ``[B]`` are integer tensors on one device.
+
+    Metadata only (no host read); :func:`rope_positions` also checks the values.
+    """
     for t, name in ((grid_sizes, "grid_sizes"), (merge_sizes, "merge_sizes")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -408,7 +430,7 @@ def rope_positions(
         ``positions`` int32 ``[N, 2]`` in merge-block order (each frame of a clip repeats its first
         frame's), ``cu_seqlens`` int32 ``[frames + 1]``.
     """
-    _check_grid(grid_sizes, merge_sizes)
+    check_grid_sizes(grid_sizes, merge_sizes)
     if (total_tokens is None) != (num_frames is None):
         raise ValueError("pass both total_tokens and num_frames, or neither")
     device = grid_sizes.device
@@ -460,8 +482,6 @@ def compile_cases(arch: int) -> list[CompileCase]:
     """The shipped configs: every dtype at head dims 64 (the goldens'), 128 (released) and 256 (the
     largest per-thread footprint), and bf16 at 16 and 32 (the tallest token tiles). The config does
     not depend on ``arch``."""
-    from penguin_kernels._compile import CompileCase
-
     ints = ("n_tokens", "n_q_heads", "n_kv_heads", "heads_per_program")
     strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_pn")
     configs = [(dtype, hd) for dtype in ("bf16", "fp16", "fp32") for hd in (64, 128, 256)]
@@ -477,7 +497,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                 fn=_qk_norm_rope_2d_kernel,
                 signature=signature,
                 # positions are [N, 2] contiguous: the column stride is 1, which Triton pins.
-                constexprs={"HD": hd, "BLOCK_N": _block_n(hd), "stride_pc": 1},
+                constexprs={"HD": hd, "BLOCK_N": select_config(hd).block_n, "stride_pc": 1},
                 num_warps=_NUM_WARPS,
                 # a fused QKV buffer's row stride and hd-wide head stride are multiples of 16
                 aligned=strides[:4],
