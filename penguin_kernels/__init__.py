@@ -11,7 +11,8 @@ from penguin_kernels.attention import AttentionConfig, varlen_attention, varlen_
 from penguin_kernels.gemm import Tile, gate_up_swiglu, linear
 from penguin_kernels.mlp import projector_mlp, swiglu_mlp
 from penguin_kernels.norm import NormConfig, rms_norm, rms_norm_residual
-from penguin_kernels.rope import RopeConfig, check_grid_sizes, qk_norm_rope_2d, rope_positions
+from penguin_kernels.positions import check_grid_sizes, rope_positions
+from penguin_kernels.rope import RopeConfig, qk_norm_rope_2d
 
 __all__ = [
     "reference",

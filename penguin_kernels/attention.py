@@ -51,13 +51,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import check_float, check_inference, check_like, dot_precision
+from penguin_kernels._checks import (
+    ShapeCache,
+    check_float,
+    check_inference,
+    check_like,
+    dot_precision,
+    runnable,
+    signature,
+)
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import DTYPES, Device, describe_arch, device_info
 
@@ -380,6 +389,66 @@ def _varlen_attention_op(
     return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, None)
 
 
+class _Launch(NamedTuple):
+    """The launches of one call, worked out from the inputs' metadata once their checks passed."""
+
+    out_shape: tuple[int, int, int]
+    n_seg: int
+    n_plan: int
+    tokens: int
+    grid: tuple[int, int]
+    strides: tuple[int, ...]
+    qk_scale: float
+    constexprs: dict[str, int | str]
+    config: AttentionConfig
+
+
+def _build_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
+    config: AttentionConfig | None,
+) -> _Launch:
+    _check_tensors(q, k, v, cu_seqlens)
+    _check_scale(softmax_scale)
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    n, h, hd = q.shape
+    group = h // k.shape[1]
+    n_seg = cu_seqlens.numel() - 1
+    cfg = config or select_config(device_info(q.device), q.dtype, hd, max_seqlen)
+    pack = _pack(group, cfg)
+    tokens = cfg.block_m // pack
+    # Upper bound on sum_i ceil(L_i / tokens) without reading cu_seqlens; spare rows exit at once.
+    n_plan = min(-(-n // tokens) + n_seg, n_seg * -(-max_seqlen // tokens)) if n and n_seg and max_seqlen else 0
+    scale = hd**-0.5 if softmax_scale is None else softmax_scale
+    return _Launch(
+        out_shape=(n, h, hd),
+        n_seg=n_seg,
+        n_plan=n_plan,
+        tokens=tokens,
+        grid=(n_plan, h // pack),
+        strides=(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], h * hd, hd),
+        qk_scale=scale * _LOG2E,
+        constexprs={
+            "HEAD_DIM": hd,
+            "HEAD_CHUNK": cfg.head_chunk or hd,
+            "GROUP": group,
+            "PACK": pack,
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "DOT_PRECISION": dot_precision(q.dtype),
+        },
+        config=cfg,
+    )
+
+
+_LAUNCHES = ShapeCache(_build_launch)
+
+
 def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -390,57 +459,46 @@ def _launch(
     config: AttentionConfig | None,
 ) -> torch.Tensor:
     """The launches of the op, with ``config`` in place of the shipped choice when given."""
-    _check_tensors(q, k, v, cu_seqlens)
-    _check_scale(softmax_scale)
-    if max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    n, h, hd = q.shape
-    kv = k.shape[1]
-    out = _empty((n, h, hd), dtype=q.dtype, device=q.device)
-    n_seg = cu_seqlens.numel() - 1
-    if n == 0 or n_seg == 0 or max_seqlen == 0:
+    args = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
+    try:
+        key = (
+            signature(q),
+            runnable(q),
+            signature(k),
+            signature(v),
+            signature(cu_seqlens),
+            max_seqlen,
+            softmax_scale,
+            config,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        launch = _build_launch(*args)
+    else:
+        launch = _LAUNCHES.get(key, *args)
+    out = _empty(launch.out_shape, dtype=q.dtype, device=q.device)
+    if launch.n_plan == 0:
         return out
-    group = h // kv
-    cfg = config or select_config(device_info(q.device), q.dtype, hd, max_seqlen)
-    pack = _pack(group, cfg)
-    tokens = cfg.block_m // pack
-    # Upper bound on sum_i ceil(L_i / tokens) without reading cu_seqlens; spare rows exit at once.
-    n_plan = min(triton.cdiv(n, tokens) + n_seg, n_seg * triton.cdiv(max_seqlen, tokens))
-    plan = _empty((n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
+    plan = _empty((launch.n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
     wrap_triton(_plan_kernel)[(1,)](
         cu_seqlens,
         plan,
-        n_seg,
-        n_plan,
-        TOKENS_PER_BLOCK=tokens,
+        launch.n_seg,
+        launch.n_plan,
+        TOKENS_PER_BLOCK=launch.tokens,
         BLOCK=_PLAN_BLOCK,
         num_warps=_PLAN_WARPS,
     )
-    scale = hd**-0.5 if softmax_scale is None else softmax_scale
-    wrap_triton(_varlen_attn_fwd_kernel)[(n_plan, h // pack)](
+    wrap_triton(_varlen_attn_fwd_kernel)[launch.grid](
         q,
         k,
         v,
         out,
         plan,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        scale * _LOG2E,
-        HEAD_DIM=hd,
-        HEAD_CHUNK=cfg.head_chunk or hd,
-        GROUP=group,
-        PACK=pack,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        *launch.strides,
+        launch.qk_scale,
+        **launch.constexprs,
+        num_warps=launch.config.num_warps,
+        num_stages=launch.config.num_stages,
     )
     return out
 

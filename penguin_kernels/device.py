@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "DTYPES",
     "INTERPRETER",
+    "INTERPRETING",
     "SHARED_MEMORY_PER_BLOCK",
     "Device",
     "describe_arch",
@@ -79,11 +80,13 @@ class Device:
 
 
 INTERPRETER = Device(family="interpreter", capability=None, sm_count=1, shared_memory_per_block=0)
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import is the one that counts.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def interpreter_active() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return INTERPRETING
 
 
 def _family(major: int, minor: int) -> str:

@@ -47,17 +47,28 @@ bfloat16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bfloat16 is refused
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import as_rows, check_float, check_inference, check_like, dot_precision
+from penguin_kernels._checks import (
+    ShapeCache,
+    check_bias,
+    check_inference,
+    check_input,
+    check_residual,
+    check_weight,
+    dot_precision,
+    runnable,
+    signature,
+)
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import Device, describe_arch, device_info
 
-__all__ = ["Tile", "linear", "gate_up_swiglu", "launch_gemm", "select_tile", "compile_cases"]
+__all__ = ["GemmPlan", "Tile", "linear", "gate_up_swiglu", "launch_gemm", "plan_gemm", "select_tile", "compile_cases"]
 
 
 @triton.jit
@@ -217,9 +228,54 @@ def select_tile(device: Device, dtype: torch.dtype, m: int, n: int, k: int, swig
         # tile then runs out of registers for their addresses.
         tiles = tiles[1:]
     for tile in tiles:
-        if triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn) >= device.sm_count:
+        if -(-m // tile.bm) * -(-n // tile.bn) >= device.sm_count:
             return tile
     return tiles[-1]
+
+
+class GemmPlan(NamedTuple):
+    """One launch of :func:`_gemm_kernel`, worked out from the operands' metadata."""
+
+    m: int
+    n: int
+    k: int
+    stride_xm: int
+    stride_rm: int
+    out_shape: tuple[int, ...]
+    grid: tuple[int]
+    tile: Tile
+    even_k: bool
+    precision: str
+
+
+def plan_gemm(
+    device: Device,
+    dtype: torch.dtype,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    stride_xm: int,
+    stride_rm: int,
+    out_shape: tuple[int, ...],
+    swiglu: bool,
+    tile: Tile | None,
+) -> GemmPlan:
+    """The launch for validated ``[m, k]`` rows (row stride ``stride_xm``) into ``n`` output columns."""
+    if tile is None:
+        tile = select_tile(device, dtype, m, n, k, swiglu)
+    return GemmPlan(
+        m=m,
+        n=n,
+        k=k,
+        stride_xm=stride_xm,
+        stride_rm=stride_rm,
+        out_shape=out_shape,
+        grid=(-(-m // tile.bm) * -(-n // tile.bn),),
+        tile=tile,
+        even_k=k % tile.bk == 0,
+        precision=dot_precision(dtype),
+    )
 
 
 def launch_gemm(
@@ -227,41 +283,38 @@ def launch_gemm(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
+    plan: GemmPlan,
     *,
     gelu: bool = False,
     swiglu: bool = False,
-    tile: Tile | None = None,
 ) -> torch.Tensor:
-    """Launch on validated ``x [M, K]`` rows, ``weight [N or 2N, K]``; returns a new ``[M, N]``.
+    """Launch ``plan`` on validated operands; returns a new ``plan.out_shape`` tensor.
 
-    ``tile`` replaces the shipped choice (:func:`select_tile`).
+    ``x`` and ``residual`` are passed whole: the kernel reads their rows through the planned strides.
     """
-    m, k = x.shape
-    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
+    y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+    if plan.m == 0:
         return y
-    tile = tile or select_tile(device_info(x.device), x.dtype, m, n, k, swiglu)
-    grid = (triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn),)
-    wrap_triton(_gemm_kernel)[grid](
+    tile = plan.tile
+    wrap_triton(_gemm_kernel)[plan.grid](
         x,
         weight,
         x if bias is None else bias,
         x if residual is None else residual,
         y,
-        m,
-        n,
-        k,
-        x.stride(0),
+        plan.m,
+        plan.n,
+        plan.k,
+        plan.stride_xm,
         weight.stride(0),
-        0 if residual is None else residual.stride(0),
-        y.stride(0),
+        plan.stride_rm,
+        plan.n,
         HAS_BIAS=bias is not None,
         GELU=gelu,
         SWIGLU=swiglu,
         HAS_RESIDUAL=residual is not None,
-        EVEN_K=k % tile.bk == 0,
-        DOT_PRECISION=dot_precision(x.dtype),
+        EVEN_K=plan.even_k,
+        DOT_PRECISION=plan.precision,
         SPLIT_EPILOGUE=tile.split_epilogue,
         BM=tile.bm,
         BN=tile.bn,
@@ -273,23 +326,64 @@ def launch_gemm(
     return y
 
 
-def _linear(
+def _build_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
-    gelu: bool,
+    swiglu: bool,
     tile: Tile | None,
-) -> torch.Tensor:
-    rows = x.view(-1, x.shape[-1])
-    res = None if residual is None else residual.view(-1, residual.shape[-1])
-    y = launch_gemm(rows, weight, bias, res, gelu=gelu, tile=tile)
-    return y.view(*x.shape[:-1], weight.shape[0])
+) -> GemmPlan:
+    """Check the operands of :func:`linear` (or :func:`gate_up_swiglu`) and plan the launch."""
+    rows = check_input(x)
+    name = "w_gate_up" if swiglu else "weight"
+    check_weight(weight, name, x, x.shape[-1], f"x (shape {tuple(x.shape)})")
+    n = weight.shape[0]
+    if swiglu:
+        if n % 2:
+            raise ValueError(f"w_gate_up must stack gate and up rows [2I, K]; got {n} rows")
+        n //= 2
+    if bias is not None:
+        check_bias(bias, "bias", x, n)
+    out_shape = (*x.shape[:-1], n)
+    res_rows = None if residual is None else check_residual(residual, x, out_shape)
+    return plan_gemm(
+        device_info(x.device),
+        x.dtype,
+        *rows.shape,
+        n,
+        stride_xm=rows.stride(0),
+        stride_rm=0 if res_rows is None else res_rows.stride(0),
+        out_shape=out_shape,
+        swiglu=swiglu,
+        tile=tile,
+    )
 
 
-def _gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, tile: Tile | None) -> torch.Tensor:
-    y = launch_gemm(x.view(-1, x.shape[-1]), w_gate_up, None, None, swiglu=True, tile=tile)
-    return y.view(*x.shape[:-1], w_gate_up.shape[0] // 2)
+_PLANS = ShapeCache(_build_linear)
+
+
+def _plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+    tile: Tile | None,
+) -> GemmPlan:
+    try:
+        key = (
+            signature(x),
+            runnable(x),
+            signature(weight),
+            bias is None or signature(bias),
+            residual is None or signature(residual),
+            swiglu,
+            tile,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        return _build_linear(x, weight, bias, residual, swiglu, tile)
+    return _PLANS.get(key, x, weight, bias, residual, swiglu, tile)
 
 
 @triton_op("penguin::linear", mutates_args=())
@@ -300,59 +394,12 @@ def _linear_op(
     residual: torch.Tensor | None,
     gelu: bool,
 ) -> torch.Tensor:
-    return _linear(x, weight, bias, residual, gelu, None)
+    return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, None), gelu=gelu)
 
 
 @triton_op("penguin::gate_up_swiglu", mutates_args=())
 def _gate_up_swiglu_op(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
-    return _gate_up_swiglu(x, w_gate_up, None)
-
-
-def check_weight(weight: object, name: str, x: torch.Tensor, in_features: int, source: str = "x") -> torch.Tensor:
-    """``weight`` is an ``nn.Linear`` weight ``[out, in_features]`` like ``x``, rows unit-strided."""
-    check_like(weight, name, x, "x")
-    if weight.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{name} has no output features (shape {tuple(weight.shape)})")
-    if weight.shape[1] != in_features:
-        raise ValueError(f"{name} has {weight.shape[1]} input features but {source} has {in_features}")
-    if in_features > 1 and weight.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (strides {weight.stride()})")
-    return weight
-
-
-def check_bias(bias: object, name: str, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``bias`` is ``[out_features]``, contiguous, like ``x``."""
-    check_like(bias, name, x, "x")
-    if tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{name} has shape {tuple(bias.shape)}, expected ({out_features},)")
-    if out_features > 1 and bias.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous")
-    return bias
-
-
-def check_input(x: object, name: str = "x") -> torch.Tensor:
-    """``x [..., K]`` with ``K >= 1`` whose rows are addressable with one stride."""
-    check_float(x, name)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise NotImplementedError(
-            f"{name} is bfloat16 on the CPU: Triton's interpreter computes bfloat16 tl.dot wrongly; "
-            "use float16/float32 there, or a CUDA device"
-        )
-    as_rows(x, name)
-    return x
-
-
-def check_residual(residual: object, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
-    """``residual`` has the output's shape, the input's dtype and device, and addressable rows."""
-    check_like(residual, "residual", x, "x")
-    if tuple(residual.shape) != out_shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output shape {out_shape}")
-    as_rows(residual, "residual")
-    return residual
+    return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, None), swiglu=True)
 
 
 def linear(
@@ -379,17 +426,15 @@ def linear(
     Returns:
         ``[..., N]`` in the dtype of ``x``; accumulation and the epilogue run in float32.
     """
-    check_input(x)
-    check_weight(weight, "weight", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    out_shape = (*x.shape[:-1], weight.shape[0])
-    if bias is not None:
-        check_bias(bias, "bias", x, weight.shape[0])
-    if residual is not None:
-        check_residual(residual, x, out_shape)
-    check_inference(x=x, weight=weight, bias=bias, residual=residual)
+    if torch.is_grad_enabled():
+        check_inference(x=x, weight=weight, bias=bias, residual=residual)
     if config is not None:
-        return _linear(x, weight, bias, residual, bool(gelu), config)
-    return _linear_op(x, weight, bias, residual, bool(gelu))
+        return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, config), gelu=bool(gelu))
+    try:
+        return _linear_op(x, weight, bias, residual, bool(gelu))
+    except RuntimeError:
+        _build_linear(x, weight, bias, residual, False, None)  # names an argument the op's schema refused
+        raise
 
 
 def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, config: Tile | None = None) -> torch.Tensor:
@@ -403,14 +448,15 @@ def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, config: Tile | N
     Returns:
         ``[..., I]`` in the dtype of ``x``; neither ``x Wg^T`` nor ``x Wu^T`` is rounded or stored.
     """
-    check_input(x)
-    check_weight(w_gate_up, "w_gate_up", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    if w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must stack gate and up rows [2I, K]; got {w_gate_up.shape[0]} rows")
-    check_inference(x=x, w_gate_up=w_gate_up)
+    if torch.is_grad_enabled():
+        check_inference(x=x, w_gate_up=w_gate_up)
     if config is not None:
-        return _gate_up_swiglu(x, w_gate_up, config)
-    return _gate_up_swiglu_op(x, w_gate_up)
+        return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, config), swiglu=True)
+    try:
+        return _gate_up_swiglu_op(x, w_gate_up)
+    except RuntimeError:
+        _build_linear(x, w_gate_up, None, None, True, None)  # names an argument the op's schema refused
+        raise
 
 
 _SIGNATURE_INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")
