@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -184,6 +185,15 @@ def encoder_forward(layers: int = 28, device: str = "cpu", dtype: torch.dtype = 
     return lambda: model(inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes)
 
 
+def _commit() -> str:
+    """The checkout measured, so that a committed table says what it describes."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def markdown(rows: Sequence[HostTime], env: dict[str, Any], date: str) -> str:
     bare = next(r.cpu_us_min for r in rows if r.name == "bare custom op")
     lines = [
@@ -191,7 +201,8 @@ def markdown(rows: Sequence[HostTime], env: dict[str, Any], date: str) -> str:
         "",
         f"- {env['device']}, {env.get('threads', '?')} threads; torch {env['torch']}, triton {env['triton']}, "
         f"python {env['python']}",
-        f"- released encoder sizes, 1024 tokens, float16, inference mode; target <= {TARGET_US:.0f} us per op call",
+        f"- commit {env.get('commit', 'unknown')}; released encoder sizes, 1024 tokens, float16, inference mode; "
+        f"target <= {TARGET_US:.0f} us per op call",
         "- CPU time of the calling thread per call: median and min over the runs; the ratio compares mins,",
         "  which other processes on a shared machine disturb least; wall time (median) for reference",
         "",
@@ -216,15 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "bench.host_time", *argv], {**os.environ, **_ENVIRONMENT})
     rows = []
+    selected = lambda name: args.keyword is None or args.keyword in name or name == "bare custom op"
     with torch.inference_mode(), stubbed_launches():
         for name, fn in op_calls().items():
-            if args.keyword is None or args.keyword in name or name == "bare custom op":
+            if selected(name):
                 rows.append(measure(name, fn, calls=args.calls))
-        if args.layers and args.keyword is None:
-            rows.append(
-                measure(f"encoder forward, {args.layers} layers", encoder_forward(args.layers), calls=3, repeats=5)
-            )
-    env = environment()
+        forward = f"encoder forward, {args.layers} layers"
+        if args.layers and selected(forward):
+            rows.append(measure(forward, encoder_forward(args.layers), calls=3, repeats=5))
+    env = {**environment(), "commit": _commit()}
     date = dt.datetime.now().isoformat(timespec="seconds")
     table = markdown(rows, env, date)
     print(table)
