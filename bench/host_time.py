@@ -186,12 +186,16 @@ def encoder_forward(layers: int = 28, device: str = "cpu", dtype: torch.dtype = 
 
 
 def _commit() -> str:
-    """The checkout measured, so that a committed table says what it describes."""
+    """The checkout measured (a merge names its parents), so that a committed table says what it describes."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "log", "-1", "--format=%h %p"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     except OSError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    commit, *parents = out.stdout.split() or ["unknown"]
+    if len(parents) > 1:
+        commit += f" (merge of {' and '.join(parents)})"
+    return commit + (" with local changes" if dirty.stdout.strip() else "")
 
 
 def markdown(rows: Sequence[HostTime], env: dict[str, Any], date: str) -> str:
