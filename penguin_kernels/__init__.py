@@ -1,10 +1,12 @@
 """Triton kernels for the Penguin-VL vision encoder.
 
 Every public function validates its inputs before launching and has a plain-PyTorch twin in
-:mod:`penguin_kernels.reference`.
+:mod:`penguin_kernels.reference`. Every op is differentiable: the ``*_backward`` modules, imported
+here, register each op's backward with autograd.
 """
 
-from penguin_kernels import reference
+# The *_backward modules are imported for their side effect: each registers its ops' backward.
+from penguin_kernels import attention_backward, gemm_backward, norm_backward, reference, rope_backward  # noqa: F401
 from penguin_kernels.attention import varlen_attention, varlen_attention_op
 from penguin_kernels.gemm import gate_up_swiglu, linear
 from penguin_kernels.mlp import projector_mlp, swiglu_mlp

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import check_float, check_inference, check_like, dot_precision
+from penguin_kernels._checks import check_float, check_like, dot_precision
 
 if TYPE_CHECKING:
     from penguin_kernels._compile import CompileCase
@@ -67,6 +67,7 @@ __all__ = ["varlen_attention", "varlen_attention_op", "compile_cases"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 # Fields per row of the block table: bos, eos, first query token, scratch.
 _PLAN_FIELDS = 4
 _PLAN_BLOCK = 1024
@@ -201,6 +202,7 @@ def _varlen_attn_fwd_kernel(
     k,
     v,
     o,
+    lse,
     plan,
     stride_qn,
     stride_qh,
@@ -210,6 +212,7 @@ def _varlen_attn_fwd_kernel(
     stride_vh,
     stride_on,
     stride_oh,
+    n_heads,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_CHUNK: tl.constexpr,
@@ -273,6 +276,9 @@ def _varlen_attn_fwd_kernel(
     o_base = o + q_start.to(tl.int64) * stride_on + i_h * stride_oh
     p_o = o_base + (o_t * stride_on + o_hp * stride_oh)[:, None] + o_d[None, :]
     tl.store(p_o, acc.to(o.dtype.element_ty), mask=m_r[:, None])
+    # natural-log log-sum-exp of the scaled scores, [N, H] float32: what the backward recomputes P from
+    p_lse = lse + q_start.to(tl.int64) * n_heads + i_h + o_t * n_heads + o_hp
+    tl.store(p_lse, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_r)
 
 
 @dataclass(frozen=True)
@@ -388,7 +394,7 @@ def _varlen_attention_op(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     softmax_scale: float | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_tensors(q, k, v, cu_seqlens)
     _check_scale(softmax_scale)
     if max_seqlen < 0:
@@ -396,9 +402,10 @@ def _varlen_attention_op(
     n, h, hd = q.shape
     kv = k.shape[1]
     out = _empty((n, h, hd), dtype=q.dtype, device=q.device)
+    lse = _empty((n, h), dtype=torch.float32, device=q.device)
     n_seg = cu_seqlens.numel() - 1
     if n == 0 or n_seg == 0 or max_seqlen == 0:
-        return out
+        return out, lse
     group = h // kv
     cfg = select_config(_capability(q.device), q.dtype, hd, max_seqlen)
     pack = _pack(group, cfg)
@@ -421,6 +428,7 @@ def _varlen_attention_op(
         k,
         v,
         out,
+        lse,
         plan,
         q.stride(0),
         q.stride(1),
@@ -430,6 +438,7 @@ def _varlen_attention_op(
         v.stride(1),
         out.stride(0),
         out.stride(1),
+        h,
         scale * _LOG2E,
         HEAD_DIM=hd,
         HEAD_CHUNK=cfg.head_chunk or hd,
@@ -441,7 +450,7 @@ def _varlen_attention_op(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return out
+    return out, lse
 
 
 def varlen_attention_op(
@@ -458,8 +467,11 @@ def varlen_attention_op(
     capturable in a CUDA graph and traceable by ``torch.compile``. The caller guarantees that
     ``cu_seqlens`` starts at 0, never decreases and ends at N, and that ``max_seqlen`` is at least the
     longest segment (query blocks beyond a too-small bound are left unwritten).
+
+    The op returns ``(out, lse)``, ``lse`` the float32 ``[N, H]`` natural-log log-sum-exp of each
+    row's scaled scores, which the backward (:mod:`penguin_kernels.attention_backward`) reads.
     """
-    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)[0]
 
 
 def _check_seqlens(cu_seqlens: torch.Tensor, n: int, max_seqlen: int | None, cu_seqlens_k: torch.Tensor | None) -> int:
@@ -541,13 +553,13 @@ def varlen_attention(
         ``[N, H, hd]``, contiguous, q's dtype.
 
     Everything is validated before the launch, the values of ``cu_seqlens`` included (one host sync).
-    Inference only: inputs that require grad while grad mode is on are refused. For trusted,
-    device-built ``cu_seqlens`` without the sync, call :func:`varlen_attention_op`.
+    Differentiable in q, k and v. For trusted, device-built ``cu_seqlens`` without the sync, call
+    :func:`varlen_attention_op`.
     """
     if causal:
         raise NotImplementedError("causal=True is not supported: this attention is bidirectional")
     if dropout_p != 0:
-        raise NotImplementedError(f"dropout_p must be 0 (inference only), got {dropout_p}")
+        raise NotImplementedError(f"dropout_p must be 0 (no dropout), got {dropout_p}")
     cu_seqlens = _flash_pair("cu_seqlens", cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     max_seqlen = _flash_pair("max_seqlen", max_seqlen, max_seqlen_q, max_seqlen_k)
     if cu_seqlens is None:
@@ -561,9 +573,8 @@ def varlen_attention(
     if cu_seqlens_k is not None:
         _check_tensors(q, k, v, cu_seqlens_k)
     _check_scale(softmax_scale)
-    check_inference(q=q, k=k, v=v)
     max_seqlen = _check_seqlens(cu_seqlens, q.shape[0], max_seqlen, cu_seqlens_k)
-    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)[0]
 
 
 def compile_cases(arch: int) -> list[CompileCase]:
@@ -590,7 +601,12 @@ def compile_cases(arch: int) -> list[CompileCase]:
     for name, hd, group, max_seqlen in shapes:
         dtype = _TORCH_DTYPES[name]
         cfg = select_config(capability, dtype, hd, max_seqlen)
-        signature = {t: f"*{name}" for t in ("q", "k", "v", "o")} | {"plan": "*i32", "qk_scale": "fp32"}
+        signature = {t: f"*{name}" for t in ("q", "k", "v", "o")} | {
+            "lse": "*fp32",
+            "plan": "*i32",
+            "qk_scale": "fp32",
+            "n_heads": "i32",
+        }
         signature |= {s: "i32" for s in strides}
         cases.append(
             CompileCase(

@@ -56,7 +56,6 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import (
     as_rows,
     check_float,
-    check_inference,
     check_like,
     dot_precision,
     interpreter_active,
@@ -378,7 +377,6 @@ def linear(
         check_bias(bias, "bias", x, weight.shape[0])
     if residual is not None:
         check_residual(residual, x, out_shape)
-    check_inference(x=x, weight=weight, bias=bias, residual=residual)
     return _linear_op(x, weight, bias, residual, bool(gelu))
 
 
@@ -396,7 +394,6 @@ def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     check_weight(w_gate_up, "w_gate_up", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
     if w_gate_up.shape[0] % 2:
         raise ValueError(f"w_gate_up must stack gate and up rows [2I, K]; got {w_gate_up.shape[0]} rows")
-    check_inference(x=x, w_gate_up=w_gate_up)
     return _gate_up_swiglu_op(x, w_gate_up)
 
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import as_rows, check_float, check_inference, check_like
+from penguin_kernels._checks import as_rows, check_float, check_like
 from penguin_kernels._compile import CompileCase
 
 __all__ = ["rms_norm", "rms_norm_residual", "compile_cases"]
@@ -165,7 +165,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ``[..., D]`` contiguous, dtype of ``x``.
     """
     _check(x, weight, eps)
-    check_inference(x=x, weight=weight)
     return _rms_norm_op(x, weight, float(eps))
 
 
@@ -187,7 +186,6 @@ def rms_norm_residual(
     if residual.shape != x.shape:
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the shape of x {tuple(x.shape)}")
     as_rows(residual, "residual")
-    check_inference(x=x, residual=residual, weight=weight)
     return _rms_norm_residual_op(x, residual, weight, float(eps))
 
 

@@ -66,7 +66,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from penguin_kernels import reference
-from penguin_kernels._checks import check_float, check_inference, check_like
+from penguin_kernels._checks import check_float, check_like
 
 if TYPE_CHECKING:
     from penguin_kernels._compile import CompileCase
@@ -298,7 +298,7 @@ def qk_norm_rope_2d(
     """Per-head RMSNorm of q and k followed by the half-split 2D rotary, in one kernel.
 
     Matches :func:`penguin_kernels.reference.qk_norm_rope_2d`, rounding step by step as it does.
-    Inference only: inputs that require grad (with grad mode on) are refused.
+    Differentiable in q, k and both weights.
 
     Args:
         q: ``[N, H, hd]`` float16/bfloat16/float32; any token and head strides with a contiguous
@@ -343,7 +343,6 @@ def qk_norm_rope_2d(
         raise ValueError(f"theta must be positive; got {theta}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative; got {eps}")
-    check_inference(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     inv_freq = _inv_freq(hd, float(theta), q.device)
     return _qk_norm_rope_2d_op(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps))
 
