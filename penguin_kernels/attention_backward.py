@@ -44,6 +44,7 @@ Design:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -63,7 +64,10 @@ from penguin_kernels.attention import (
     _varlen_attention_op,
 )
 
-__all__ = ["varlen_attention_backward"]
+if TYPE_CHECKING:
+    from penguin_kernels._compile import CompileCase
+
+__all__ = ["varlen_attention_backward", "compile_cases"]
 
 _DELTA_TOKENS = 16
 _DELTA_WARPS = 4
@@ -314,18 +318,22 @@ class BackwardConfig:
 
 
 _C = BackwardConfig
-# (family, head_dim) -> (dk/dv config, dq config), 16-bit inputs. The dk/dv kernel keeps two
-# float32 [BLOCK_N, hd] accumulators and its K/V tiles resident; the dq kernel one accumulator and
-# its q/dO tiles. On sm_90 both are sized like the forward: 8 warps, two warpgroups issuing wgmma on
-# 128-row operands.
+# (family, head_dim) -> (dk/dv config, dq config), 16-bit inputs. Register and shared-memory
+# figures from compile_cases on sm_90 / sm_80 (triton 3.9); none of the 16-bit configs spills. The
+# dk/dv kernel keeps two float32 [BLOCK_N, hd] accumulators and its K and V tiles resident, so at
+# head_dim 128 on sm_90 it takes 32-row query tiles under 128 keys (245 registers, 114 KB with 3
+# stages); 64-row query tiles spilled (255 registers, ~15 spilled words). The dq kernel holds one
+# accumulator and its q and dO tiles: 128 x 64, 8 warps (203 registers at head_dim 128).
 _CONFIGS = {
-    ("hopper", 128): (_C(64, 128, 8, 2, 8), _C(128, 64, 8, 2, 8)),
+    ("hopper", 128): (_C(32, 128, 8, 3, 8), _C(128, 64, 8, 2, 8)),
     ("hopper", 64): (_C(64, 128, 8, 3, 8), _C(128, 64, 8, 3, 8)),
     ("ampere", 128): (_C(64, 64, 8, 2, 8), _C(64, 64, 4, 2, 4)),
     ("ampere", 64): (_C(64, 64, 4, 3, 8), _C(64, 64, 4, 3, 4)),
 }
-# float32 (parity runs) takes IEEE dots on CUDA cores: small tiles, no speed claim.
-_FP32_CONFIG = (_C(32, 32, 4, 1, 4), _C(32, 32, 4, 1, 4))
+# float32 (parity runs) takes IEEE dots on CUDA cores. Triton's FMA dot holds whole operand rows per
+# thread: the dq kernel's q k^T and dO v^T over head_dim 128 still spill (~3 KB of local traffic
+# per key block at 16 x 16); acceptable for a parity path that makes no speed claim.
+_FP32_CONFIG = (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8))
 # Interpreter: small tiles cover several query and key blocks, tails and head packing in CPU tests.
 _INTERPRETER_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8))
 
@@ -515,3 +523,53 @@ def _backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compile_cases(arch: int) -> list[CompileCase]:
+    """Every shipped 16-bit config for ``sm_<arch>`` (bf16, head_dim 64 and 128, GQA 2 and 8), float32 at
+    head_dim 128, and the preprocess."""
+    from penguin_kernels._compile import CompileCase
+
+    capability = (arch // 10, arch % 10)
+    tensors = ("q", "k", "v", "do")
+    cases = [
+        CompileCase(
+            name="delta_bf16_hd128",
+            fn=_delta_kernel,
+            signature={"o": "*bf16", "do": "*bf16", "delta": "*fp32"}
+            | dict.fromkeys(("n_tokens", "n_heads", "stride_on", "stride_oh", "stride_don", "stride_doh"), "i32"),
+            constexprs={"HEAD_DIM": 128, "BLOCK_T": _DELTA_TOKENS},
+            num_warps=_DELTA_WARPS,
+            num_stages=1,
+            aligned=("stride_on", "stride_oh", "stride_don", "stride_doh"),
+        )
+    ]
+    shapes = [("bf16", hd, group) for hd in (64, 128) for group in (2, 8)] + [("fp32", 128, 2)]
+    for name, hd, group in shapes:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+        cfg_kv, cfg_q = select_configs(capability, dtype, hd)
+        for kernel, cfg, grads in ((_dkdv_kernel, cfg_kv, ("dk", "dv")), (_dq_kernel, cfg_q, ("dq",))):
+            strides = tuple(f"stride_{t}{axis}" for t in tensors + grads for axis in "nh")
+            signature = {t: f"*{name}" for t in tensors + grads}
+            signature |= {"lse": "*fp32", "delta": "*fp32", "plan": "*i32", "n_heads": "i32"}
+            signature |= {"qk_scale": "fp32", "sm_scale": "fp32"} | dict.fromkeys(strides, "i32")
+            cases.append(
+                CompileCase(
+                    name=f"{kernel.__name__.strip('_')}_{name}_hd{hd}_g{group}_bm{cfg.block_m}_bn{cfg.block_n}",
+                    fn=kernel,
+                    signature=signature,
+                    constexprs={
+                        "HEAD_DIM": hd,
+                        "GROUP": group,
+                        "PACK": _pack(group, cfg),
+                        "BLOCK_M": cfg.block_m,
+                        "BLOCK_N": cfg.block_n,
+                        "DOT_PRECISION": dot_precision(dtype),
+                    },
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    tensor_cores=dtype != torch.float32,
+                    aligned=strides,
+                )
+            )
+    return cases

@@ -30,6 +30,8 @@ Design:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +40,10 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels.gemm import _gate_up_swiglu_op, _linear_op
 from penguin_kernels.mlp import _projector_mlp_op, _swiglu_mlp_op
 
-__all__ = ["gelu_backward", "swiglu_backward"]
+if TYPE_CHECKING:
+    from penguin_kernels._compile import CompileCase
+
+__all__ = ["gelu_backward", "swiglu_backward", "compile_cases"]
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -219,3 +224,41 @@ _linear_op.register_autograd(_backward_linear, setup_context=_setup_linear)
 _gate_up_swiglu_op.register_autograd(_backward_gate_up, setup_context=_setup_gate_up)
 _swiglu_mlp_op.register_autograd(_backward_swiglu_mlp, setup_context=_setup_swiglu_mlp)
 _projector_mlp_op.register_autograd(_backward_projector, setup_context=_setup_projector)
+
+
+def compile_cases(arch: int) -> list[CompileCase]:
+    """The two elementwise backward kernels in bf16, with and without the activation output."""
+    from penguin_kernels._compile import CompileCase
+
+    cases = []
+    for store_h in (False, True):
+        cases.append(
+            CompileCase(
+                name=f"gelu_bwd_bf16{'_h' if store_h else ''}",
+                fn=_gelu_bwd_kernel,
+                signature={
+                    "z_ptr": "*bf16",
+                    "dy_ptr": "*bf16",
+                    "dz_ptr": "*bf16",
+                    "h_ptr": "*bf16",
+                    "n_elements": "i32",
+                },
+                constexprs={"STORE_H": store_h, "BLOCK": _BLOCK},
+                num_warps=_NUM_WARPS,
+                num_stages=1,
+                aligned=("n_elements",),
+            )
+        )
+        cases.append(
+            CompileCase(
+                name=f"swiglu_bwd_bf16{'_h' if store_h else ''}",
+                fn=_swiglu_bwd_kernel,
+                signature={"gu_ptr": "*bf16", "dh_ptr": "*bf16", "dgu_ptr": "*bf16", "h_ptr": "*bf16"}
+                | {"M": "i32", "I": "i32"},
+                constexprs={"STORE_H": store_h, "BM": _BLOCK // 128, "BI": 128},
+                num_warps=_NUM_WARPS,
+                num_stages=1,
+                aligned=("I",),
+            )
+        )
+    return cases

@@ -20,6 +20,8 @@ most four programs per SM: enough rows in flight to stream at bandwidth, few par
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +29,10 @@ from torch.library import triton_op, wrap_triton
 
 from penguin_kernels.norm import _config, _rms_norm_op, _rms_norm_residual_op
 
-__all__ = ["rms_norm_backward"]
+if TYPE_CHECKING:
+    from penguin_kernels._compile import CompileCase
+
+__all__ = ["rms_norm_backward", "compile_cases"]
 
 _PROGRAMS_PER_SM = 4
 # The interpreter runs programs one by one: a few partials still exercise the reduction.
@@ -176,3 +181,30 @@ def _backward_norm_residual(ctx, dy: torch.Tensor, ds: torch.Tensor):
 
 _rms_norm_op.register_autograd(_backward_norm, setup_context=_setup_norm)
 _rms_norm_residual_op.register_autograd(_backward_norm_residual, setup_context=_setup_norm_residual)
+
+
+def compile_cases(arch: int) -> list[CompileCase]:
+    """The backward at the released hidden size (1024) and at 4096, plain and fused, bf16 and float32."""
+    from penguin_kernels._compile import CompileCase
+
+    ints = ("M", "D", "rows_per_program", "stride_xm", "stride_dym", "stride_dsm", "stride_dxm")
+    cases = []
+    for dtype in ("bf16", "fp32"):
+        for d in (1024, 4096):
+            bm, bd, num_warps = _config(d)
+            for residual in (False, True):
+                ptr = f"*{dtype}"
+                cases.append(
+                    CompileCase(
+                        name=f"rms_norm_bwd_{dtype}_D{d}{'_residual' if residual else ''}",
+                        fn=_rms_norm_bwd_kernel,
+                        signature={"x_ptr": ptr, "w_ptr": ptr, "dy_ptr": ptr, "ds_ptr": ptr, "dx_ptr": ptr}
+                        | {"dw_ptr": "*fp32", "eps": "fp32"}
+                        | dict.fromkeys(ints, "i32"),
+                        constexprs={"HAS_DS": residual, "BM": bm, "BD": bd},
+                        num_warps=num_warps,
+                        num_stages=1,
+                        aligned=("D", *ints[3:]),
+                    )
+                )
+    return cases

@@ -21,6 +21,8 @@ no atomics.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,10 @@ from torch.library import triton_op, wrap_triton
 
 from penguin_kernels.rope import _NUM_WARPS, _block_n, _qk_norm_rope_2d_op, _sincos
 
-__all__ = ["qk_norm_rope_2d_backward"]
+if TYPE_CHECKING:
+    from penguin_kernels._compile import CompileCase
+
+__all__ = ["qk_norm_rope_2d_backward", "compile_cases"]
 
 
 @triton.jit
@@ -280,3 +285,29 @@ def _backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
 
 
 _qk_norm_rope_2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compile_cases(arch: int) -> list[CompileCase]:
+    """The backward in bf16 and float32 at head dims 64 and 128 (the config does not depend on ``arch``)."""
+    from penguin_kernels._compile import CompileCase
+
+    ints = ("n_tokens", "n_q_heads", "n_kv_heads")
+    strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_dqon", "stride_dqoh", "stride_dkon")
+    strides += ("stride_dkoh", "stride_pn")
+    cases = []
+    for dtype in ("bf16", "fp32"):
+        for hd in (64, 128):
+            signature = {name: f"*{dtype}" for name in ("q", "k", "dq_out", "dk_out", "dq", "dk", "q_w", "k_w")}
+            signature |= {"dw": "*fp32", "pos": "*i32", "inv_freq": "*fp32", "eps": "fp32"}
+            signature |= dict.fromkeys(ints + strides, "i32")
+            cases.append(
+                CompileCase(
+                    name=f"qk_norm_rope_2d_bwd_{dtype}_hd{hd}",
+                    fn=_qk_norm_rope_2d_bwd_kernel,
+                    signature=signature,
+                    constexprs={"HD": hd, "BLOCK_N": _block_n(hd), "stride_pc": 1},
+                    num_warps=_NUM_WARPS,
+                    aligned=strides[:-1],
+                )
+            )
+    return cases
