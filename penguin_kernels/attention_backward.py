@@ -323,12 +323,14 @@ _C = BackwardConfig
 # dk/dv kernel keeps two float32 [BLOCK_N, hd] accumulators and its K and V tiles resident, so at
 # head_dim 128 on sm_90 it takes 32-row query tiles under 128 keys (245 registers, 114 KB with 3
 # stages); 64-row query tiles spilled (255 registers, ~15 spilled words). The dq kernel holds one
-# accumulator and its q and dO tiles: 128 x 64, 8 warps (203 registers at head_dim 128).
+# accumulator and its q and dO tiles: 128 x 64, 8 warps (203 registers at head_dim 128). On sm_80
+# (mma.sync, at most 99 KB of shared memory on sm_86/89) 64-key dq tiles spilled at head_dim 128
+# (~140 words at 4 or 8 warps); 128 x 32 does not (255 registers, 80 KB).
 _CONFIGS = {
     ("hopper", 128): (_C(32, 128, 8, 3, 8), _C(128, 64, 8, 2, 8)),
     ("hopper", 64): (_C(64, 128, 8, 3, 8), _C(128, 64, 8, 3, 8)),
-    ("ampere", 128): (_C(64, 64, 8, 2, 8), _C(64, 64, 4, 2, 4)),
-    ("ampere", 64): (_C(64, 64, 4, 3, 8), _C(64, 64, 4, 3, 4)),
+    ("ampere", 128): (_C(64, 64, 8, 2, 8), _C(128, 32, 8, 2, 8)),
+    ("ampere", 64): (_C(64, 64, 8, 3, 8), _C(64, 64, 4, 3, 4)),
 }
 # float32 (parity runs) takes IEEE dots on CUDA cores. Triton's FMA dot holds whole operand rows per
 # thread: the dq kernel's q k^T and dO v^T over head_dim 128 still spill (~3 KB of local traffic

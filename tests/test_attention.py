@@ -291,7 +291,6 @@ ERRORS = {
     "kv_head_dim": (ValueError, "head_dim=64", lambda: _bad(k=torch.randn(8, 2, 128), v=torch.randn(8, 2, 128))),
     "q_last_dim_strided": (ValueError, "last dim", lambda: _bad(q=torch.randn(8, 64, 4).transpose(1, 2))),
     "v_last_dim_strided": (ValueError, "last dim", lambda: _bad(v=torch.randn(8, 64, 2).transpose(1, 2))),
-    "requires_grad": (NotImplementedError, "requires grad", lambda: _bad(q=torch.randn(8, 4, 64, requires_grad=True))),
     "causal": (NotImplementedError, "causal", lambda: _bad(causal=True)),
     "dropout": (NotImplementedError, "dropout_p", lambda: _bad(dropout_p=0.1)),
     "scale_negative": (ValueError, "softmax_scale", lambda: _bad(softmax_scale=-0.1)),

@@ -294,5 +294,6 @@ def test_gpu_block_forward_and_backward_under_torch_compile():
     dy = torch.randn(300, 1024, generator=gen).cuda().bfloat16()
     block(*eager).backward(dy)
     torch.compile(block, fullgraph=True)(*compiled).backward(dy)
+    # inductor may re-order the float32 weight-gradient sums it fuses: at most a bf16 rounding apart
     for i, (c, e) in enumerate(zip(compiled, eager, strict=True)):
-        assert torch.equal(c.grad, e.grad), f"gradient of input {i}"
+        assert_rel_close(c.grad.float(), e.grad.float(), 1e-2, f"gradient of input {i}")
