@@ -57,15 +57,14 @@ from penguin_kernels.attention import (
     _PLAN_BLOCK,
     _PLAN_FIELDS,
     _PLAN_WARPS,
-    _capability,
-    _family,
     _load_rows,
     _plan_kernel,
     _varlen_attention_op,
 )
+from penguin_kernels.device import Device, describe_arch, device_info
 
 if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["varlen_attention_backward", "compile_cases"]
 
@@ -318,7 +317,7 @@ class BackwardConfig:
 
 
 _C = BackwardConfig
-# (family, head_dim) -> (dk/dv config, dq config), 16-bit inputs. Register and shared-memory
+# (tile_arch, head_dim) -> (dk/dv config, dq config), 16-bit inputs. Register and shared-memory
 # figures from compile_cases on sm_90 / sm_80 (triton 3.9); none of the 16-bit configs spills. The
 # dk/dv kernel keeps two float32 [BLOCK_N, hd] accumulators and its K and V tiles resident, so at
 # head_dim 128 on sm_90 it takes 32-row query tiles under 128 keys (245 registers, 114 KB with 3
@@ -327,10 +326,10 @@ _C = BackwardConfig
 # (mma.sync, at most 99 KB of shared memory on sm_86/89) 64-key dq tiles spilled at head_dim 128
 # (~140 words at 4 or 8 warps); 128 x 32 does not (255 registers, 80 KB).
 _CONFIGS = {
-    ("hopper", 128): (_C(32, 128, 8, 3, 8), _C(128, 64, 8, 2, 8)),
-    ("hopper", 64): (_C(64, 128, 8, 3, 8), _C(128, 64, 8, 3, 8)),
-    ("ampere", 128): (_C(64, 64, 8, 2, 8), _C(128, 32, 8, 2, 8)),
-    ("ampere", 64): (_C(64, 64, 8, 3, 8), _C(64, 64, 4, 3, 4)),
+    (90, 128): (_C(32, 128, 8, 3, 8), _C(128, 64, 8, 2, 8)),
+    (90, 64): (_C(64, 128, 8, 3, 8), _C(128, 64, 8, 3, 8)),
+    (80, 128): (_C(64, 64, 8, 2, 8), _C(128, 32, 8, 2, 8)),
+    (80, 64): (_C(64, 64, 8, 3, 8), _C(64, 64, 4, 3, 4)),
 }
 # float32 (parity runs) takes IEEE dots on CUDA cores. Triton's FMA dot holds whole operand rows per
 # thread: the dq kernel's q k^T and dO v^T over head_dim 128 still spill (~3 KB of local traffic
@@ -340,15 +339,13 @@ _FP32_CONFIG = (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8))
 _INTERPRETER_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8))
 
 
-def select_configs(
-    capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int
-) -> tuple[BackwardConfig, BackwardConfig]:
-    """``(dk/dv config, dq config)`` for compute ``capability`` (``None``: the CPU interpreter)."""
-    if capability is None:
+def select_configs(device: Device, dtype: torch.dtype, head_dim: int) -> tuple[BackwardConfig, BackwardConfig]:
+    """``(dk/dv config, dq config)`` for ``device`` (the tile set of its architecture, or the interpreter's)."""
+    if device.tile_arch is None:
         return _INTERPRETER_CONFIG
     if dtype == torch.float32:
         return _FP32_CONFIG
-    return _CONFIGS[_family(capability), head_dim]
+    return _CONFIGS[device.tile_arch, head_dim]
 
 
 def _pack(group: int, cfg: BackwardConfig) -> int:
@@ -412,7 +409,7 @@ def _varlen_attention_backward_op(
     group = h // kv
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
     precision = dot_precision(q.dtype)
-    cfg_kv, cfg_q = select_configs(_capability(q.device), q.dtype, hd)
+    cfg_kv, cfg_q = select_configs(device_info(q.device), q.dtype, hd)
 
     pack = _pack(group, cfg_kv)
     plan = _plan(cu_seqlens, n, max_seqlen, cfg_kv.block_n)
@@ -530,9 +527,9 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def compile_cases(arch: int) -> list[CompileCase]:
     """Every shipped 16-bit config for ``sm_<arch>`` (bf16, head_dim 64 and 128, GQA 2 and 8), float32 at
     head_dim 128, and the preprocess."""
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
-    capability = (arch // 10, arch % 10)
+    device = describe_arch(arch)
     tensors = ("q", "k", "v", "do")
     cases = [
         CompileCase(
@@ -549,7 +546,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
     shapes = [("bf16", hd, group) for hd in (64, 128) for group in (2, 8)] + [("fp32", 128, 2)]
     for name, hd, group in shapes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        cfg_kv, cfg_q = select_configs(capability, dtype, hd)
+        cfg_kv, cfg_q = select_configs(device, dtype, hd)
         for kernel, cfg, grads in ((_dkdv_kernel, cfg_kv, ("dk", "dv")), (_dq_kernel, cfg_q, ("dq",))):
             strides = tuple(f"stride_{t}{axis}" for t in tensors + grads for axis in "nh")
             signature = {t: f"*{name}" for t in tensors + grads}

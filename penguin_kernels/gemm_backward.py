@@ -41,7 +41,7 @@ from penguin_kernels.gemm import _gate_up_swiglu_op, _linear_op
 from penguin_kernels.mlp import _projector_mlp_op, _swiglu_mlp_op
 
 if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["gelu_backward", "swiglu_backward", "compile_cases"]
 
@@ -228,7 +228,7 @@ _projector_mlp_op.register_autograd(_backward_projector, setup_context=_setup_pr
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """The two elementwise backward kernels in bf16, with and without the activation output."""
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
     cases = []
     for store_h in (False, True):

@@ -27,16 +27,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels.norm import _config, _rms_norm_op, _rms_norm_residual_op
+from penguin_kernels.device import device_info
+from penguin_kernels.norm import _rms_norm_op, _rms_norm_residual_op, select_config
 
 if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["rms_norm_backward", "compile_cases"]
 
 _PROGRAMS_PER_SM = 4
-# The interpreter runs programs one by one: a few partials still exercise the reduction.
-_INTERPRETER_PROGRAMS = 3
 
 
 @triton.jit
@@ -89,11 +88,10 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_ptr + i_p * D + o_d, b_dw, mask=m_d)
 
 
-def _n_programs(device: torch.device, n_blocks: int) -> int:
-    if device.type != "cuda":
-        return min(n_blocks, _INTERPRETER_PROGRAMS)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return min(n_blocks, _PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count)
+def _tiles(d: int) -> tuple[int, int, int]:
+    """``(BM, BD, num_warps)``: the forward's rows per program and warps for rows of width ``d``."""
+    cfg = select_config(d)
+    return cfg.block_m, triton.next_power_of_2(d), cfg.num_warps
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -114,9 +112,10 @@ def _rms_norm_backward_op(
     dx = torch.empty((m, d), dtype=x.dtype, device=x.device)
     if m == 0:
         return dx.view(x.shape), torch.zeros_like(weight)
-    bm, bd, num_warps = _config(d)
+    bm, bd, num_warps = _tiles(d)
     n_blocks = triton.cdiv(m, bm)
-    n_prog = _n_programs(x.device, n_blocks)
+    # the interpreter is described as one SM: a few partials there still exercise the reduction
+    n_prog = min(n_blocks, _PROGRAMS_PER_SM * device_info(x.device).sm_count)
     rows_per_program = triton.cdiv(n_blocks, n_prog) * bm
     n_prog = triton.cdiv(m, rows_per_program)
     partial = torch.empty((n_prog, d), dtype=torch.float32, device=x.device)
@@ -185,13 +184,13 @@ _rms_norm_residual_op.register_autograd(_backward_norm_residual, setup_context=_
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """The backward at the released hidden size (1024) and at 4096, plain and fused, bf16 and float32."""
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
     ints = ("M", "D", "rows_per_program", "stride_xm", "stride_dym", "stride_dsm", "stride_dxm")
     cases = []
     for dtype in ("bf16", "fp32"):
         for d in (1024, 4096):
-            bm, bd, num_warps = _config(d)
+            bm, bd, num_warps = _tiles(d)
             for residual in (False, True):
                 ptr = f"*{dtype}"
                 cases.append(

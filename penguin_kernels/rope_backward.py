@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels.rope import _NUM_WARPS, _block_n, _qk_norm_rope_2d_op, _sincos
+from penguin_kernels.rope import _NUM_WARPS, _qk_norm_rope_2d_op, _sincos, select_config
 
 if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["qk_norm_rope_2d_backward", "compile_cases"]
 
@@ -210,7 +210,7 @@ def _qk_norm_rope_2d_backward_op(
         return dq, dk, torch.zeros_like(q_norm_weight), torch.zeros_like(k_norm_weight)
     dq_out = _unit_last(dq_out)
     dk_out = _unit_last(dk_out)
-    block_n = _block_n(hd)
+    block_n = select_config(hd).block_n
     n_blocks = triton.cdiv(n, block_n)
     partial = torch.empty((n_blocks, 2, hd), dtype=torch.float32, device=q.device)
     wrap_triton(_qk_norm_rope_2d_bwd_kernel)[(n_blocks,)](
@@ -289,7 +289,7 @@ _qk_norm_rope_2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """The backward in bf16 and float32 at head dims 64 and 128 (the config does not depend on ``arch``)."""
-    from penguin_kernels._compile import CompileCase
+    from penguin_kernels.compile_case import CompileCase
 
     ints = ("n_tokens", "n_q_heads", "n_kv_heads")
     strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_dqon", "stride_dqoh", "stride_dkon")
@@ -305,7 +305,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                     name=f"qk_norm_rope_2d_bwd_{dtype}_hd{hd}",
                     fn=_qk_norm_rope_2d_bwd_kernel,
                     signature=signature,
-                    constexprs={"HD": hd, "BLOCK_N": _block_n(hd), "stride_pc": 1},
+                    constexprs={"HD": hd, "BLOCK_N": select_config(hd).block_n, "stride_pc": 1},
                     num_warps=_NUM_WARPS,
                     aligned=strides[:-1],
                 )

@@ -13,8 +13,9 @@ bfloat16   2.5e-2    the same roundings at 2^-8, 8x fp16; GPU only (bf16 ``tl.do
                      wrong in the interpreter)
 =========  ========  ====================================================================
 
-``torch.autograd.gradcheck`` is not run here: the op takes float16/bfloat16/float32 only, and in
-float32 finite differences are noisier than the float64 comparison above. Compile tests and the
+``torch.autograd.gradcheck`` is not run here: the op takes float16/bfloat16/float32 only, float64
+through the interpreter's ``tl.dot`` is not exact, and in float32 finite differences are noisier
+than the float64 comparison above. Compile tests and the
 fake-tensor half of ``opcheck`` need a GPU: under ``TRITON_INTERPRET=1`` torch's ``wrap_triton``
 hands back the interpreted kernel itself, which then runs on FakeTensors and fails.
 """

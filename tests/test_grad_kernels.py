@@ -14,10 +14,11 @@ bfloat16   2.5e-2    the same at 2^-8 (8x fp16); GPU only (bf16 ``tl.dot`` is wr
                      interpreter)
 =========  ========  ====================================================================
 
-``torch.autograd.gradcheck`` runs in float64 on the norm and rotary ops (their kernels take
-float64 inputs and compute in float32, hence ``eps=1e-3``); the GEMM ops cannot: the interpreter's
-float64 ``tl.dot`` gives wrong results, so the float32 comparison above is their finite-precision
-check. Compile tests and the fake-tensor half of ``opcheck`` need a GPU: under ``TRITON_INTERPRET=1``
+``torch.autograd.gradcheck`` checks the backward kernels of the norms, the rotary and the GELU and
+SwiGLU epilogues in float64 against finite differences of the float64 reference (the forward ops
+take 16-bit and float32 inputs only). The GEMM ops' dX/dW are cuBLAS matmuls, checked by the float32
+comparison above; their float64 ``tl.dot`` in the interpreter is not exact, so no gradcheck there.
+Compile tests and the fake-tensor half of ``opcheck`` need a GPU: under ``TRITON_INTERPRET=1``
 torch's ``wrap_triton`` hands back the interpreted kernel itself, which fails on FakeTensors.
 """
 
@@ -205,33 +206,74 @@ def test_activation_checkpointing_of_a_block():
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+def _with_our_backward(forward, backward):
+    """``forward`` (the float64 reference) with ``backward(saved inputs, output grads)`` as its gradient."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx.saved_tensors, grads)
+
+    return Function.apply
+
+
+def _gradcheck_cases(gen: torch.Generator) -> dict:
+    """name -> (reference forward, our backward kernels on its saved inputs, float32 inputs)."""
+    ops = torch.ops.penguin
+    n, hd = 6, 64
+    positions = torch.randint(0, 300, (n, 2), generator=gen, dtype=torch.int32).to(device())
+    inv_freq = _inv_freq(hd, THETA, torch.device(device()))
+    return {
+        "rms_norm": (
+            lambda x, w: ref.rms_norm(x, w, EPS),
+            lambda saved, grads: ops.rms_norm_backward(grads[0], *saved, None, EPS),
+            [_randn(5, 24, gen=gen), _norm_weight(24, gen)],
+        ),
+        "rms_norm_residual": (
+            lambda x, r, w: ref.rms_norm_residual(x, r, w, EPS),
+            lambda saved, grads: _residual_grads(grads, *saved),
+            [_randn(5, 24, gen=gen), _randn(5, 24, gen=gen), _norm_weight(24, gen)],
+        ),
+        "qk_norm_rope_2d": (
+            lambda q, k, wq, wk: ref.qk_norm_rope_2d(q, k, wq, wk, positions, theta=THETA, eps=EPS),
+            lambda saved, grads: ops.qk_norm_rope_2d_backward(*grads, *saved, positions, inv_freq, EPS),
+            [_randn(n, 2, hd, gen=gen), _randn(n, 1, hd, gen=gen), _norm_weight(hd, gen), _norm_weight(hd, gen)],
+        ),
+        "gelu": (
+            F.gelu,
+            lambda saved, grads: ops.gelu_backward(saved[0], grads[0], False)[0],
+            [_randn(7, 33, gen=gen, scale=2)],
+        ),
+        "swiglu": (
+            ref.swiglu,
+            lambda saved, grads: ops.swiglu_backward(saved[0], grads[0], False)[0],
+            [_randn(7, 2 * 20, gen=gen, scale=2)],
+        ),
+    }  # fmt: skip
+
+
+def _residual_grads(grads, x, residual, weight) -> tuple[torch.Tensor, ...]:
+    dx, dw = torch.ops.penguin.rms_norm_backward(grads[0], x + residual, weight, grads[1], EPS)
+    return dx, dx, dw
+
+
 @requires_kernels
-@pytest.mark.parametrize("name", ["rms_norm", "rms_norm_residual", "qk_norm_rope_2d"])
+@pytest.mark.parametrize("name", ["rms_norm", "rms_norm_residual", "qk_norm_rope_2d", "gelu", "swiglu"])
 def test_gradcheck_float64(name):
-    gen = torch.Generator().manual_seed(9)
-    if name == "qk_norm_rope_2d":
-        n, hd = 6, 64
-        inputs = [_randn(n, 2, hd, gen=gen), _randn(n, 1, hd, gen=gen), _norm_weight(hd, gen), _norm_weight(hd, gen)]
-        positions = torch.randint(0, 300, (n, 2), generator=gen, dtype=torch.int32).to(device())
-        inv_freq = _inv_freq(hd, THETA, torch.device(device()))
-
-        def op(q, k, wq, wk):
-            return torch.ops.penguin.qk_norm_rope_2d(q, k, wq, wk, positions, inv_freq, EPS)
-    elif name == "rms_norm":
-        inputs = [_randn(5, 24, gen=gen), _norm_weight(24, gen)]
-
-        def op(x, w):
-            return torch.ops.penguin.rms_norm(x, w, EPS)
-    else:
-        inputs = [_randn(5, 24, gen=gen), _randn(5, 24, gen=gen), _norm_weight(24, gen)]
-
-        def op(x, r, w):
-            return torch.ops.penguin.rms_norm_residual(x, r, w, EPS)
-
+    # The backward kernels against finite differences of the float64 reference. The forward ops take
+    # 16-bit and float32 inputs only, so the float64 function differentiated here is the reference,
+    # and its gradient is ours: the backward kernels run on the float64 tensors (computing in float32,
+    # hence the 1e-5 tolerances, ~100x their measured error and far below a wrong term's).
+    forward, backward, inputs = _gradcheck_cases(torch.Generator().manual_seed(9))[name]
     leaves = [t.to(device=device(), dtype=torch.float64).requires_grad_() for t in inputs]
-    # the kernels' statistics are float32 (~1e-7 relative): eps 1e-3 keeps finite-difference noise ~1e-4;
-    # fast mode checks random projections of the Jacobian (the full one costs minutes in the interpreter)
-    assert torch.autograd.gradcheck(op, leaves, eps=1e-3, atol=2e-3, rtol=2e-3, fast_mode=True)
+    # fast mode: random projections of the Jacobian (the full one runs the kernels once per output element)
+    check = _with_our_backward(forward, backward)
+    assert torch.autograd.gradcheck(check, leaves, atol=1e-5, rtol=1e-5, fast_mode=True)
 
 
 def _opcheck_utils() -> tuple[str, ...]:
