@@ -59,6 +59,7 @@ from penguin_kernels.attention import (
     _PLAN_WARPS,
     _load_rows,
     _plan_kernel,
+    _scores,
     _varlen_attention_op,
 )
 from penguin_kernels.device import Device, describe_arch, device_info
@@ -198,23 +199,39 @@ def _dq_block(
     b_do,
     b_lse,
     b_delta,
-    p_k,
-    p_v,
+    p_q,
+    p_do,
+    m_r,
+    k_base,
+    v_base,
+    o_k,
+    o_kc,
+    o_vc,
     m_n,
     qk_scale,
     MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Add one key block's ``dS k`` to ``b_dq`` ``[BM, HD]``; ``m_n`` masks keys when ``MASKED``."""
+    """Add one key block's ``dS k`` to ``b_dq`` ``[BM, HD]``; ``m_n`` masks keys when ``MASKED``.
+
+    ``b_q``/``b_do`` hold the first ``HEAD_CHUNK`` columns of q and dO (``p_q``/``p_do`` point at
+    them); ``o_kc``/``o_vc`` address that many columns of a key block and ``o_k`` all of them.
+    """
     # [BN, HD]
-    b_k = _load_rows(p_k, m_n, MASKED)
-    b_v = _load_rows(p_v, m_n, MASKED)
+    b_k = _load_rows(k_base + o_k, m_n, MASKED)
     # [BM, BN]
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if HEAD_CHUNK == HEAD_DIM:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(_load_rows(v_base + o_vc, m_n, MASKED)), input_precision=DOT_PRECISION)
+    else:
+        # float32 CUDA-core dots hold whole operand rows per thread: over head_dim chunks, as the forward
+        b_s = _scores(b_q, p_q, m_r, k_base + o_kc, m_n, MASKED, HEAD_DIM, HEAD_CHUNK, DOT_PRECISION)
+        b_dp = _scores(b_do, p_do, m_r, v_base + o_vc, m_n, MASKED, HEAD_DIM, HEAD_CHUNK, DOT_PRECISION)
     b_p = tl.math.exp2(tl.fma(b_s, qk_scale, -b_lse[:, None]))
     if MASKED:
         b_p = tl.where(m_n[None, :], b_p, 0.0)
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
     b_ds = b_p * (b_dp - b_delta[:, None])
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PRECISION)
 
@@ -243,6 +260,7 @@ def _dq_kernel(
     qk_scale,
     sm_scale,
     HEAD_DIM: tl.constexpr,
+    HEAD_CHUNK: tl.constexpr,
     GROUP: tl.constexpr,
     PACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -261,22 +279,17 @@ def _dq_kernel(
     o_r = tl.arange(0, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
+    o_c = tl.arange(0, HEAD_CHUNK)
     # row r of the tile is token q_start + r // PACK, head i_h + r % PACK
     o_t = o_r // PACK
     o_hp = o_r % PACK
     m_r = q_start + o_t < eos
     o_row = q_start.to(tl.int64)
-    # [BM, HD]; rows past the segment load zeros and are never stored
-    b_q = tl.load(
-        q + o_row * stride_qn + i_h * stride_qh + (o_t * stride_qn + o_hp * stride_qh)[:, None] + o_d[None, :],
-        mask=m_r[:, None],
-        other=0.0,
-    )
-    b_do = tl.load(
-        do + o_row * stride_don + i_h * stride_doh + (o_t * stride_don + o_hp * stride_doh)[:, None] + o_d[None, :],
-        mask=m_r[:, None],
-        other=0.0,
-    )
+    # [BM, HC]; rows past the segment load zeros and are never stored
+    p_q = q + o_row * stride_qn + i_h * stride_qh + (o_t * stride_qn + o_hp * stride_qh)[:, None] + o_c[None, :]
+    p_do = do + o_row * stride_don + i_h * stride_doh + (o_t * stride_don + o_hp * stride_doh)[:, None] + o_c[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    b_do = tl.load(p_do, mask=m_r[:, None], other=0.0)
     p_l = o_row * n_heads + i_h + o_t * n_heads + o_hp
     # [BM]
     b_lse = tl.load(lse + p_l, mask=m_r, other=0.0) * 1.4426950408889634
@@ -285,21 +298,24 @@ def _dq_kernel(
     k_base = k + bos.to(tl.int64) * stride_kn + i_kv * stride_kh
     v_base = v + bos.to(tl.int64) * stride_vn + i_kv * stride_vh
     o_k = o_n[:, None] * stride_kn + o_d[None, :]
-    o_v = o_n[:, None] * stride_vn + o_d[None, :]
+    o_kc = o_n[:, None] * stride_kn + o_c[None, :]
+    o_vc = o_n[:, None] * stride_vn + o_c[None, :]
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     seqlen = eos - bos
     n_full = seqlen - seqlen % BLOCK_N
     for _ in range(0, n_full, BLOCK_N):
         b_dq = _dq_block(
-            b_dq, b_q, b_do, b_lse, b_delta, k_base + o_k, v_base + o_v, o_n, qk_scale, False, DOT_PRECISION
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_q, p_do, m_r, k_base, v_base, o_k, o_kc, o_vc, o_n, qk_scale,
+            False, HEAD_DIM, HEAD_CHUNK, DOT_PRECISION,
+        )  # fmt: skip
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
     if n_full < seqlen:
         m_n = o_n < seqlen - n_full
         b_dq = _dq_block(
-            b_dq, b_q, b_do, b_lse, b_delta, k_base + o_k, v_base + o_v, m_n, qk_scale, True, DOT_PRECISION
-        )
+            b_dq, b_q, b_do, b_lse, b_delta, p_q, p_do, m_r, k_base, v_base, o_k, o_kc, o_vc, m_n, qk_scale,
+            True, HEAD_DIM, HEAD_CHUNK, DOT_PRECISION,
+        )  # fmt: skip
 
     p_dq = dq + o_row * stride_dqn + i_h * stride_dqh + (o_t * stride_dqn + o_hp * stride_dqh)[:, None] + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_r[:, None])
@@ -307,13 +323,18 @@ def _dq_kernel(
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """One kernel's tiles: ``block_m`` query rows (token, head) pairs, ``block_n`` keys."""
+    """One kernel's tiles: ``block_m`` query rows (token, head) pairs, ``block_n`` keys.
+
+    ``head_chunk`` (dq kernel only) splits ``q k^T`` and ``dO v^T`` into dots over that many
+    columns (0: one dot over head_dim).
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     max_pack: int
+    head_chunk: int = 0
 
 
 _C = BackwardConfig
@@ -331,20 +352,25 @@ _CONFIGS = {
     (80, 128): (_C(64, 64, 8, 2, 8), _C(128, 32, 8, 2, 8)),
     (80, 64): (_C(64, 64, 8, 3, 8), _C(64, 64, 4, 3, 4)),
 }
-# float32 (parity runs) takes IEEE dots on CUDA cores. Triton's FMA dot holds whole operand rows per
-# thread: the dq kernel's q k^T and dO v^T over head_dim 128 still spill (~3 KB of local traffic
-# per key block at 16 x 16); acceptable for a parity path that makes no speed claim.
-_FP32_CONFIG = (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8))
+# float32 (parity runs) takes IEEE dots on CUDA cores, whose dots hold whole operand rows per thread:
+# the dq kernel's q k^T and dO v^T over head_dim spilled (~3 KB of local traffic per key block at
+# 16 x 16) until split into 16-column chunks, as in the forward (32-wide chunks still spilled at 64).
+_FP32_CONFIGS = {
+    64: (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8, head_chunk=16)),
+    128: (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8, head_chunk=16)),
+}
 # Interpreter: small tiles cover several query and key blocks, tails and head packing in CPU tests.
 _INTERPRETER_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8))
+# float32 there runs the chunked dq path that float32 takes on a GPU.
+_INTERPRETER_FP32_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8, head_chunk=32))
 
 
 def select_configs(device: Device, dtype: torch.dtype, head_dim: int) -> tuple[BackwardConfig, BackwardConfig]:
     """``(dk/dv config, dq config)`` for ``device`` (the tile set of its architecture, or the interpreter's)."""
     if device.tile_arch is None:
-        return _INTERPRETER_CONFIG
+        return _INTERPRETER_FP32_CONFIG if dtype == torch.float32 else _INTERPRETER_CONFIG
     if dtype == torch.float32:
-        return _FP32_CONFIG
+        return _FP32_CONFIGS[head_dim]
     return _CONFIGS[device.tile_arch, head_dim]
 
 
@@ -473,6 +499,7 @@ def _varlen_attention_backward_op(
         scale * _LOG2E,
         scale,
         HEAD_DIM=hd,
+        HEAD_CHUNK=cfg_q.head_chunk or hd,
         GROUP=group,
         PACK=pack,
         BLOCK_M=cfg_q.block_m,
@@ -526,7 +553,7 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """Every shipped 16-bit config for ``sm_<arch>`` (bf16, head_dim 64 and 128, GQA 2 and 8), float32 at
-    head_dim 128, and the preprocess."""
+    head_dim 64 and 128, and the preprocess."""
     from penguin_kernels.compile_case import CompileCase
 
     device = describe_arch(arch)
@@ -543,7 +570,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
             aligned=("stride_on", "stride_oh", "stride_don", "stride_doh"),
         )
     ]
-    shapes = [("bf16", hd, group) for hd in (64, 128) for group in (2, 8)] + [("fp32", 128, 2)]
+    shapes = [("bf16", hd, group) for hd in (64, 128) for group in (2, 8)] + [("fp32", hd, 2) for hd in (64, 128)]
     for name, hd, group in shapes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
         cfg_kv, cfg_q = select_configs(device, dtype, hd)
@@ -559,6 +586,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                     signature=signature,
                     constexprs={
                         "HEAD_DIM": hd,
+                        **({"HEAD_CHUNK": cfg.head_chunk or hd} if kernel is _dq_kernel else {}),
                         "GROUP": group,
                         "PACK": _pack(group, cfg),
                         "BLOCK_M": cfg.block_m,
