@@ -25,7 +25,8 @@ Design:
   otherwise) and has no split-K, so the weight gradient would get ``N K / (128 x 256)`` programs
   (96 at 3072 x 1024) for 132 SMs, each looping over all M. cuBLAS takes both layouts natively,
   splits K, and accumulates in float32. The fused epilogue backward is where a custom kernel pays.
-* Bias gradients are float32 row sums, rounded once. Everything is deterministic.
+* Bias gradients are float32 row sums, rounded once. The Triton kernels are deterministic; cuBLAS is
+  run to run for a given shape under PyTorch's deterministic settings (``CUBLAS_WORKSPACE_CONFIG``).
 """
 
 from __future__ import annotations
