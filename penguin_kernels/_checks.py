@@ -86,18 +86,6 @@ def check_like(t: object, name: str, ref: torch.Tensor, ref_name: str) -> torch.
     return t
 
 
-def check_inference(**tensors: torch.Tensor | None) -> None:
-    """Refuse to build an autograd graph: the kernels have no backward."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if getattr(t, "requires_grad", False):
-            raise NotImplementedError(
-                f"{name} requires grad, but the kernels are inference only (no backward); "
-                "call them under torch.no_grad() or torch.inference_mode()"
-            )
-
-
 def as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` ``[..., D]`` as a 2-D ``[rows, D]`` view with a unit last stride and one row stride."""
     if t.dim() == 0:

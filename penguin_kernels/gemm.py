@@ -57,7 +57,6 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import (
     ShapeCache,
     check_bias,
-    check_inference,
     check_input,
     check_residual,
     check_weight,
@@ -428,8 +427,6 @@ def linear(
     Returns:
         ``[..., N]`` in the dtype of ``x``; accumulation and the epilogue run in float32.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, weight=weight, bias=bias, residual=residual)
     if config is not None:
         return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, config), gelu=bool(gelu))
     try:
@@ -450,8 +447,6 @@ def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, config: Tile | N
     Returns:
         ``[..., I]`` in the dtype of ``x``; neither ``x Wg^T`` nor ``x Wu^T`` is rounded or stored.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, w_gate_up=w_gate_up)
     if config is not None:
         return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, config), swiglu=True)
     try:

@@ -43,7 +43,6 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import (
     ShapeCache,
     check_bias,
-    check_inference,
     check_input,
     check_residual,
     check_weight,
@@ -209,8 +208,6 @@ def swiglu_mlp(
         ``[..., D_out]`` in the dtype of ``x``. The ``[..., I]`` SwiGLU product is the only
         intermediate, rounded once to the dtype of ``x``.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, w_gate_up=w_gate_up, w_down=w_down, residual=residual)
     if config is not None:
         return _swiglu_mlp(
             x, w_gate_up, w_down, residual, _plans(x, w_gate_up, None, w_down, None, residual, True, config)
@@ -242,8 +239,6 @@ def projector_mlp(
     Returns:
         ``[..., H_out]`` in the dtype of ``x``; ``gelu(x W1^T + b1)`` is rounded once to that dtype.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
     if config is not None:
         return _projector_mlp(x, w1, b1, w2, b2, _plans(x, w1, b1, w2, b2, None, False, config))
     try:

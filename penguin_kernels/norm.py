@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_inference, check_like, runnable, signature
+from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_like, runnable, signature
 from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "compile_cases"]
@@ -225,8 +225,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormC
         ``[..., D]`` contiguous, dtype of ``x``.
     """
     eps = _check_eps(eps)
-    if torch.is_grad_enabled():
-        check_inference(x=x, weight=weight)
     if config is not None:
         return _launch(x, None, weight, eps, _plan(x, None, weight, config))[0]
     try:
@@ -251,8 +249,6 @@ def rms_norm_residual(
         ``(normed, s)``, both ``[..., D]`` contiguous in the dtype of ``x``.
     """
     eps = _check_eps(eps)
-    if torch.is_grad_enabled():
-        check_inference(x=x, residual=residual, weight=weight)
     if config is not None:
         return _launch(x, residual, weight, eps, _plan(x, residual, weight, config))
     try:

@@ -237,14 +237,6 @@ def test_bad_inputs_raise_before_launch(name):
         qk_norm_rope_2d(*args.values(), **kwargs)
 
 
-@requires_kernels
-@pytest.mark.usefixtures("no_launch")
-def test_inputs_requiring_grad_are_refused():
-    q, k, wq, wk, pos, _ = _inputs(4, 2, 1, 64, torch.float32)
-    with pytest.raises(NotImplementedError, match="q requires grad.*inference only"):
-        qk_norm_rope_2d(q.requires_grad_(True), k, wq, wk, pos, theta=THETA, eps=EPS)
-
-
 def test_compile_cases_name_kernel_parameters():
     cases = rope.compile_cases(90)
     assert {c.name for c in cases} >= {"qk_norm_rope_2d_bf16_hd128", "qk_norm_rope_2d_fp16_hd64"}
