@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from penguin_vl import encode as enc
 from penguin_vl.model import PenguinEncoder
-from penguin_vl.processor import ImageProcessor, resize_backend
+from penguin_vl.processor import ImageProcessor, ImageWarning, resize_backend
 
 __all__ = ["main", "build_parser"]
 
@@ -57,6 +58,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Penguin-VL vision encoder: feature extraction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {enc.package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -84,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, metavar="FILE", help="one .safetensors file with every input")
     out.add_argument("--out-dir", type=Path, metavar="DIR", help="one .safetensors file per input, and index.json")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out-dir: keep the files already complete from the same inputs, model and settings, encode "
+        "the rest and rewrite index.json",
+    )
     p.add_argument("--project", action="store_true", help="run the projector too (full Penguin-VL checkpoints)")
     p.add_argument(
         "--dtype",
@@ -159,17 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _warnings_as_lines():
+            return args.run(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
-            f"{PROG}: interrupted; no --out file or index was written (per-input files already in --out-dir are "
-            "complete, but the run is unfinished until its index.json is written)",
+            f"{PROG}: interrupted; no --out file was written and an existing one is unchanged. In --out-dir, "
+            "every file is complete (this run's or the previous one's) and index.json still describes the "
+            "previous finished run; run the same command with --resume to continue",
             file=sys.stderr,
         )
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings about inputs (16-bit images) on their own ``penguin-vl: warning:`` line, whatever filters the
+    caller set: they describe the data, not the code."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (warnings' API)
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ImageWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _env_int(name: str, default: int) -> int:
@@ -220,7 +244,7 @@ def _encode(args: argparse.Namespace) -> int:
         print(f"{PROG}: {setup.tag}skipped {name}: {reason}", file=sys.stderr)
     if not args.quiet:
         _print_summary(summary, setup, args, index)
-    if not summary.encoded and setup.world_size == 1:
+    if not summary.encoded and not setup.kept and setup.world_size == 1:
         print(f"{PROG}: error: no input could be encoded; nothing was written", file=sys.stderr)
         return 1
     return 1 if summary.failed and setup.world_size == 1 else 0
@@ -237,6 +261,7 @@ class _EncodeSetup:
     load_time: float
     world_size: int
     tag: str
+    kept: int
 
 
 def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
@@ -260,7 +285,9 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
             raise UsageError(f"--out-dir {args.out_dir} exists and is not a directory")
         names = [i.name for i in inputs]
         sink = enc.DirSink(args.out_dir, all_names, names, rank, world_size, overwrite=args.overwrite)
-    conflicts = sink.conflicts()
+    if args.resume and args.out is not None:
+        raise UsageError("--resume needs --out-dir: a single --out file is written whole at the end")
+    conflicts = [] if args.resume else sink.conflicts()
     if conflicts and not args.overwrite:
         shown = ", ".join(str(p) for p in conflicts[:3]) + (" ..." if len(conflicts) > 3 else "")
         raise FileExistsError(f"output exists: {shown}; pass --overwrite to replace it")
@@ -298,18 +325,23 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         feature_dim=model.projector.config.out_dim if args.project else model.config.hidden_size,
         settings=settings,
     )
+    metadata = enc.run_metadata(info, all_inputs, rank, world_size)
+    kept = sink.resume(metadata, inputs) if args.resume else []
+    if kept:
+        inputs = [i for i in inputs if i.name not in sink.kept]
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
     options = {
-        "metadata": enc.run_metadata(info, all_inputs, rank, world_size),
+        "metadata": metadata,
         "batch_tokens": args.batch_tokens,
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
         "project": args.project,
         "workers": args.workers,
-        "progress": enc.Progress(len(inputs), sys.stderr if show and not args.quiet else None, tag),
+        "progress": enc.Progress(
+            len(inputs) + len(kept), sys.stderr if show and not args.quiet else None, tag, len(kept)
+        ),
     }
-    sink.clear_stale()
-    return _EncodeSetup(model, processor, inputs, sink, options, info, load_time, world_size, tag)
+    return _EncodeSetup(model, processor, inputs, sink, options, info, load_time, world_size, tag, len(kept))
 
 
 def _size(path: Path) -> str:
@@ -339,7 +371,9 @@ def _print_summary(s: enc.Summary, setup: _EncodeSetup, args: argparse.Namespace
         f"{s.input_wait:.2f} s) | encode {s.encode:.2f} s | write {s.write:.2f} s",
         f"  speed   {enc_rate} (encode stage)",
     ]
-    if s.encoded or index is not None:
+    if setup.kept:
+        lines.insert(1, f"  kept    {setup.kept} complete outputs of an earlier run with the same inputs and settings")
+    if s.encoded or setup.kept or index is not None:
         lines.append(f"  output  {output} ({_size(output)})" if output.exists() else f"  output  {output}")
     if index is not None:
         lines.append(f"  index   {index} (all {setup.world_size} ranks done)")

@@ -33,6 +33,7 @@ from penguin_vl.encode.progress import Progress
 from penguin_vl.encode.sinks import (
     FORMAT,
     INDEX_FORMAT,
+    SAME_OUTPUT,
     DirSink,
     FileSink,
     RunInfo,
@@ -40,9 +41,11 @@ from penguin_vl.encode.sinks import (
     files_fingerprint,
     index_path,
     merge_index,
+    package_version,
     part_path,
     run_digest,
     run_metadata,
+    source_stamp,
 )
 from penguin_vl.hub import ModelNotFoundError, hub_cache_dir
 
@@ -51,6 +54,7 @@ __all__ = [
     "INDEX_FORMAT",
     "RANDOM",
     "RANDOM_LLM_HIDDEN",
+    "SAME_OUTPUT",
     "TINY_CONFIG",
     "TINY_LLM_HIDDEN",
     "DirSink",
@@ -72,6 +76,7 @@ __all__ = [
     "load_model",
     "make_processor",
     "merge_index",
+    "package_version",
     "part_path",
     "prepare",
     "read",
@@ -79,4 +84,5 @@ __all__ = [
     "run_digest",
     "run_metadata",
     "shard",
+    "source_stamp",
 ]

@@ -1,0 +1,192 @@
+"""Bad and unusual inputs through the command line and the Python API: each ends in a clear error naming
+the culprit, a warning where the result is the reference's, or a complete output; finished work is never
+lost (interrupted and resumed runs)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from penguin_vl import ImageProcessor, PenguinEncoder
+from penguin_vl import encode as enc
+from penguin_vl import processor as proc
+from penguin_vl.cli import main
+from tests.utils import assert_rel_close
+
+# one forward per frame against one forward per input, float32 on the CPU: only summation order differs
+PACKED_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    assert main(["init-checkpoint", str(path), "--tiny", "--dtype", "float32", "--seed", "5"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt) -> PenguinEncoder:
+    return PenguinEncoder.from_pretrained(ckpt, dtype=torch.float32, backend="torch")
+
+
+def _image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    d = Path("data")
+    for i, size in enumerate([(45, 31), (20, 70), (64, 40), (30, 30)]):
+        _image(d / f"img{i}.png", size, i)
+    return d
+
+
+def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+@pytest.mark.parametrize("out", ["--out", "--out-dir"])
+def test_merge_size_3_is_written(data, ckpt, out):
+    """A merge size other than 1 and 2 takes the interpolation path, whose result is not contiguous."""
+    target = "o.safetensors" if out == "--out" else "od"
+    rc = main(["encode", "data/img2.png", "--model", str(ckpt), "--merge-size", "3", out, target])
+    assert rc == 0
+    path = Path(target) if out == "--out" else Path(target) / "data__img2.png.safetensors"
+    tensors, _ = _tensors(path)
+    key = "data/img2.png.features" if out == "--out" else "features"
+    assert tensors[key].shape[0] > 0 and torch.isfinite(tensors[key]).all()
+
+
+@pytest.mark.parametrize("sink", ["file", "dir"])
+def test_sinks_write_strided_tensors(tmp_path, sink):
+    features = torch.arange(24, dtype=torch.float32).view(4, 6).t()  # [6, 4], column-major
+    grid, merge = torch.tensor([[1, 2, 3]]), torch.tensor([1])
+    meta = {"world_size": "1", "rank": "0", "run": "x", "inputs": "[]", "failed": "{}"}
+    if sink == "file":
+        s = enc.FileSink(tmp_path / "o.safetensors")
+        s.add("a", features, grid, merge)
+        s.commit(meta)
+        assert torch.equal(load_file(tmp_path / "o.safetensors")["a.features"], features)
+    else:
+        s = enc.DirSink(tmp_path / "od", ["a"], ["a"])
+        s.begin(meta)
+        s.add("a", features, grid, merge)
+        assert torch.equal(load_file(tmp_path / "od" / "a.safetensors")["features"], features)
+
+
+def test_16_bit_png_warns_and_keeps_the_reference_result(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(0, 65535, 40 * 30, dtype=np.uint16).reshape(30, 40)).save(path)
+    processor = ImageProcessor()
+    with pytest.warns(proc.ImageWarning, match=r"deep\.png.*16-bit"):
+        out = processor([str(path)])
+    with Image.open(path) as img:
+        expected = processor([np.asarray(img.convert("RGB"))])  # what the reference's convert("RGB") gives
+    assert torch.equal(out.pixel_values, expected.pixel_values)
+
+
+def _animated_gif(path: Path, frames: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    return path
+
+
+def test_animated_gif_is_refused_as_an_image(tmp_path):
+    path = _animated_gif(tmp_path / "anim.gif")
+    processor = ImageProcessor()
+    with pytest.raises(ValueError, match=r"anim\.gif.*3 frames.*load_video"):
+        processor([str(path)])
+    with Image.open(path) as img, pytest.raises(ValueError, match=r"anim\.gif.*3 frames"):
+        processor.batch([img])
+    with Image.open(path) as img:  # one frame, made explicit, is an image
+        processor.batch([img.convert("RGB")])
+
+
+def test_image_warnings_on_the_command_line(data, ckpt, capsys):
+    Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save("data/deep.png")
+    _animated_gif(Path("data/anim.gif"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the command reports on its own lines, never through the warnings module
+        rc = main(["encode", "data", "--model", str(ckpt), "--out", "o.safetensors"])
+    err = capsys.readouterr().err
+    assert rc == 1  # the animated GIF is skipped, the rest is written
+    assert "penguin-vl: warning: data/deep.png: a 16-bit" in err
+    assert "skipped data/anim.gif: " in err and "load_video" in err
+    tensors, meta = _tensors(Path("o.safetensors"))
+    assert "data/deep.png.features" in tensors and list(json.loads(meta["failed"])) == ["data/anim.gif"]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.updates: list[float] = []
+
+    def update(self, items: float, tokens: int, failed: int = 0) -> None:
+        self.updates.append(items)
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_moves_per_item_and_per_frame_on_cpu(data, model):
+    """One packed batch of four images and a six-frame clip: on a CPU the bar moves for every image and
+    for every frame of the clip, and the features equal one forward per input."""
+    np.save("data/clip.npy", np.random.default_rng(9).integers(0, 256, (6, 28, 42, 3), dtype=np.uint8))
+    inputs = enc.collect_inputs(["data"])
+    processor = enc.make_processor(None, 14)
+    progress = _Recorder()
+    sink = enc.DirSink(Path("od"), [i.name for i in inputs], [i.name for i in inputs])
+    meta = {"world_size": "1", "rank": "0", "run": "x"}
+    enc.encode(model, processor, inputs, sink, metadata=meta, batch_tokens=10**6, workers=1, progress=progress)
+    assert len(progress.updates) == 4 + 6 and sum(progress.updates) == pytest.approx(len(inputs))
+    for inp in inputs:
+        prepared = enc.prepare(inp, processor, 1, 2)
+        expected = model(prepared.pixel_values, prepared.grid_sizes, prepared.merge_sizes)
+        got = load_file(Path("od") / sink.files[inp.name])["features"]
+        assert_rel_close(got, expected, PACKED_TOL)
+
+
+def _interrupt_at(monkeypatch, call: int, error: type[BaseException] = KeyboardInterrupt) -> list[int]:
+    calls: list[int] = []
+    forward = PenguinEncoder.forward
+
+    def forward_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error("simulated")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PenguinEncoder, "forward", forward_then_fail)
+    return calls
+
+
+def test_interrupted_overwrite_keeps_the_old_index(data, ckpt, monkeypatch, capsys):
+    args = ["encode", "data", "--model", str(ckpt), "--out-dir", "od"]
+    assert main(args) == 0
+    index = Path("od/index.json").read_bytes()
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        assert main([*args, "--overwrite", "--merge-size", "2", "--batch-tokens", "1"]) == 130
+    assert Path("od/index.json").read_bytes() == index
+    for file in json.loads(index)["inputs"].values():
+        load_file(Path("od") / file)  # every file complete: the old run's or the new one's
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"penguin-vl {enc.package_version()}"
