@@ -2,9 +2,11 @@
 
 Exit status: 0 when everything was encoded; 1 when the run finished but some inputs could not be read
 (they are listed on stderr and in the output's ``failed`` metadata; the rest is written), or on an
-unexpected error; 2 when nothing was done (bad arguments, no inputs, model not found, output exists);
-130 on Ctrl-C. Under torchrun a rank exits 0 when it skipped inputs, so that torchrun does not stop the
-other ranks; the index lists every failed input and ``penguin-vl merge-index`` exits 1 when there are any.
+unexpected error (a bug: the only case with a traceback); 2 when the arguments, the inputs, the model or
+the output are at fault, with a message naming the culprit (nothing was done, or, for an output that
+cannot be written, what was written stays whole); 130 on Ctrl-C. Under torchrun a rank exits 0 when it
+skipped inputs, so that torchrun does not stop the other ranks; the index lists every failed input and
+``penguin-vl merge-index`` exits 1 when there are any.
 """
 
 from __future__ import annotations
@@ -234,7 +236,11 @@ def _encode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _refusing():
         setup = _setup_encode(args)
-    summary = enc.encode(setup.model, setup.processor, setup.inputs, setup.sink, **setup.options)
+    try:
+        summary = enc.encode(setup.model, setup.processor, setup.inputs, setup.sink, **setup.options)
+    except (enc.OutputError, FileExistsError) as e:
+        kept = " (the files already in --out-dir are complete: rerun with --resume)" if args.out_dir else ""
+        raise UsageError(f"{e}{kept}") from e
     index = None
     if setup.world_size > 1:
         out, directory = (args.out, False) if args.out is not None else (args.out_dir, True)

@@ -19,6 +19,7 @@ from penguin_vl import ImageProcessor, PenguinEncoder
 from penguin_vl import encode as enc
 from penguin_vl import processor as proc
 from penguin_vl.cli import main
+from penguin_vl.encode import sinks
 from tests.utils import assert_rel_close
 
 # one forward per frame against one forward per input, float32 on the CPU: only summation order differs
@@ -190,3 +191,35 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"penguin-vl {enc.package_version()}"
+
+
+def test_output_that_cannot_be_written_is_named_and_earlier_files_stay(data, ckpt, monkeypatch, capsys):
+    Path("afile").write_text("")
+    assert main(["encode", "data", "--model", str(ckpt), "--out-dir", "afile/od"]) == 2
+    assert "cannot write afile/od/" in capsys.readouterr().err
+
+    save = sinks.save_file
+    calls = []
+
+    def disk_full(tensors, filename, metadata=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(sinks, "save_file", disk_full)
+    assert main(["encode", "data", "--model", str(ckpt), "--out-dir", "od"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write od/data__img1.png.safetensors: No space left on device" in err and "--resume" in err
+    assert sorted(p.name for p in Path("od").iterdir()) == ["data__img0.png.safetensors"]
+    load_file("od/data__img0.png.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "not-a-part"])
+def test_merge_index_names_a_damaged_part(data, ckpt, monkeypatch, capsys, damage):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["encode", "data", "--model", str(ckpt), "--out-dir", "od"]) == 0
+    Path("od/index.rank00001-of-00002.json").write_text("{" if damage == "garbage" else '{"run": "x"}')
+    assert main(["merge-index", "od"]) == 2
+    assert "od/index.rank00001-of-00002.json: not a part of a run's index" in capsys.readouterr().err

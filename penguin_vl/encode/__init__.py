@@ -27,6 +27,7 @@ from penguin_vl.encode.checkpoints import (
     make_processor,
     resolve_model,
 )
+from penguin_vl.encode.files import OutputError
 from penguin_vl.encode.inputs import Input, InputError, collect_inputs, read, shard
 from penguin_vl.encode.pipeline import Prepared, Summary, encode, prepare
 from penguin_vl.encode.progress import Progress
@@ -62,6 +63,7 @@ __all__ = [
     "Input",
     "InputError",
     "ModelNotFoundError",
+    "OutputError",
     "Prepared",
     "Progress",
     "RunInfo",

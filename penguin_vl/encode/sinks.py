@@ -149,7 +149,6 @@ class FileSink:
         self.tensors.update(_stored(f"{name}.", features, grid, merge))
 
     def commit(self, metadata: dict[str, str]) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata), replace=self.overwrite)
         return self.path
 
@@ -236,7 +235,6 @@ class DirSink:
         self.metadata = dict(metadata)
 
     def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor, source: str = "") -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         file = self.files[name]
         tensors = _stored("", features, grid, merge)
         metadata = {**self.metadata, "name": name, "source": source}
@@ -244,7 +242,6 @@ class DirSink:
         self.written[name] = file
 
     def commit(self, metadata: dict[str, str]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         done = {**self.kept, **self.written}
         record = _part_record(metadata, {n: f for n, f in self.files.items() if n in done})
         target = self.part or self.index
@@ -390,15 +387,28 @@ def _read_parts(out: Path, directory: bool, world_size: int | None) -> tuple[int
     return world_size, [reader(parts[r]) for r in range(world_size)]
 
 
+_PART_KEYS = ("run", "rank", "world_size", "inputs", "failed", "metadata")
+
+
 def _read_dir_part(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    try:
+        part = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a part of a run's index ({e})") from None
+    missing = [k for k in _PART_KEYS if not isinstance(part, dict) or k not in part]
+    if missing:
+        raise ValueError(f"{path}: not a part of a run's index (no {', '.join(missing)})")
+    return part
 
 
 def _read_file_part(path: Path) -> dict[str, Any]:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    names = json.loads(metadata["inputs"])
-    return _part_record(metadata, dict.fromkeys(names, path.name))
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        names = json.loads(metadata["inputs"])
+        return _part_record(metadata, dict.fromkeys(names, path.name))
+    except Exception as e:  # noqa: BLE001 (safetensors' own error type is not a public class everywhere)
+        raise ValueError(f"{path}: not a part written by penguin-vl encode ({type(e).__name__}: {e})") from None
 
 
 def merge_index(
