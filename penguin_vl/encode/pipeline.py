@@ -250,7 +250,8 @@ def encode(
                 t0 = time.perf_counter()
                 grid = torch.tensor([[1, h, w]], dtype=p.grid_sizes.dtype)
                 merge = torch.tensor([m], dtype=p.merge_sizes.dtype)
-                parts.append(model(batch.pixel_values[start : start + h * w], grid, merge, project=project))
+                with torch.inference_mode():
+                    parts.append(model(batch.pixel_values[start : start + h * w], grid, merge, project=project))
                 summary.encode += time.perf_counter() - t0
                 start += h * w
                 if progress is not None:  # k + 1 of the input's frames done, as an exact fraction of it
@@ -281,7 +282,8 @@ def encode(
                 continue
             t0 = time.perf_counter()
             pixel_values = item.pixel_values.to(device, non_blocking=True)
-            feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
+            with torch.inference_mode():
+                feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
             host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
             host.copy_(feats, non_blocking=True)
             event = torch.cuda.Event()
