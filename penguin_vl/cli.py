@@ -115,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-tokens",
         type=_positive,
-        help="fewest patches per image or frame (default: the checkpoint's preprocessor_config.json, else 16)",
+        help="fewest tokens per image or frame, counted after merging (patches / merge size^2; default: the "
+        "checkpoint's preprocessor_config.json, else 16)",
     )
     p.add_argument(
         "--max-tokens",
         type=_positive,
-        help="most patches per image or clip (default: the checkpoint's preprocessor_config.json, else 16384)",
+        help="most tokens per image or clip, counted after merging (patches / merge size^2, so about the number of "
+        "features; default: the checkpoint's preprocessor_config.json, else 16384)",
     )
     p.add_argument(
         "--batch-tokens",

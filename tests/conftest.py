@@ -20,6 +20,6 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Property tests: a bounded, repeatable number of examples by default (the Triton interpreter runs every
 # example on the CPU, and CI must stay fast); HYPOTHESIS_PROFILE=thorough searches wider, locally.
-settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

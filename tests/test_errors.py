@@ -5,6 +5,7 @@ lost (interrupted and resumed runs)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -15,15 +16,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from penguin_vl import ImageProcessor, PenguinEncoder
+from penguin_kernels import reference
+from penguin_vl import CheckpointError, ImageProcessor, PenguinEncoder
 from penguin_vl import encode as enc
 from penguin_vl import processor as proc
-from penguin_vl.cli import main
+from penguin_vl.cli import build_parser, main
 from penguin_vl.encode import sinks
 from tests.utils import assert_rel_close
 
 # one forward per frame against one forward per input, float32 on the CPU: only summation order differs
 PACKED_TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +226,106 @@ def test_merge_index_names_a_damaged_part(data, ckpt, monkeypatch, capsys, damag
     Path("od/index.rank00001-of-00002.json").write_text("{" if damage == "garbage" else '{"run": "x"}')
     assert main(["merge-index", "od"]) == 2
     assert "od/index.rank00001-of-00002.json: not a part of a run's index" in capsys.readouterr().err
+
+
+def test_model_features_are_contiguous_for_merge_size_3(model):
+    pixels = torch.randn(6 * 9, 3 * 14 * 14)
+    features = model(pixels, torch.tensor([[1, 6, 9]]), torch.tensor([3]))
+    assert features.shape == (2 * 3, 64) and features.is_contiguous()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_are_named(data, ckpt, tmp_path, capsys, damage):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=re.escape(str(weights))):
+        PenguinEncoder.from_pretrained(bad)
+    assert main(["encode", "data/img0.png", "--model", str(bad), "--out", "o.safetensors"]) == 2
+    assert str(weights) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ['{"hidden_size": 64,', "[1, 2]", '{"hidden_size": null}'])
+def test_invalid_config_is_named(data, ckpt, tmp_path, capsys, text):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(str(bad / "config.json"))):
+        PenguinEncoder.from_pretrained(bad)
+    assert main(["encode", "data/img0.png", "--model", str(bad), "--out", "o.safetensors"]) == 2
+    assert str(bad / "config.json") in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="says what happens on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_says_so(ckpt, device):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        PenguinEncoder.from_pretrained(ckpt, device=device)
+
+
+def test_readme_cpu_snippet_runs_on_a_cpu(ckpt, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (snippet,) = [b for b in blocks if 'device="cpu"' in b]
+    monkeypatch.chdir(REPO / "examples")
+    scope: dict = {}
+    exec(snippet.replace('"tencent/Penguin-Encoder"', repr(str(ckpt))), scope)  # noqa: S102 (the README's own code)
+    assert scope["features"].shape[1] == 64 and torch.isfinite(scope["features"]).all()
+
+
+def test_token_budget_counts_tokens_after_merging(data, ckpt, capsys):
+    help_text = build_parser()._subparsers._group_actions[0].choices["encode"].format_help()
+    assert "counted after merging" in " ".join(help_text.split())
+    assert main(["encode", "data/img2.png", "--model", str(ckpt), "--out", "o.safetensors"]) == 0
+    budget = 6
+    rc = main(["encode", "data/img2.png", "--model", str(ckpt), "--merge-size", "2", "--max-tokens", str(budget),
+               "--min-tokens", "1", "--out", "m.safetensors"])  # fmt: skip
+    assert rc == 0
+    tensors, _ = _tensors(Path("m.safetensors"))
+    features, grid = tensors["data/img2.png.features"], tensors["data/img2.png.grid"]
+    patches = int(grid.prod())
+    assert features.shape[0] <= budget < patches and patches == 4 * features.shape[0]
+
+
+@pytest.mark.parametrize(
+    "call, culprit",
+    [
+        (lambda q, cu: reference.varlen_attention(q, q, q, cu + 1), "cu_seqlens"),
+        (lambda q, cu: reference.varlen_attention(q, q, q, cu[:-1]), "cu_seqlens"),
+        (lambda q, cu: reference.varlen_attention(q, q, q, cu.float()), "cu_seqlens"),
+        (lambda q, cu: reference.varlen_attention(q, q[:, :1, :8], q, cu), "k"),
+        (lambda q, cu: reference.varlen_attention(q[0], q, q, cu), "q"),
+        (lambda q, cu: reference.rms_norm(q, torch.ones(5), 1e-6), "weight"),
+        (lambda q, cu: reference.linear(q[:, 0], torch.ones(3, 5)), "weight"),
+        (lambda q, cu: reference.rope_positions(torch.tensor([[1, 3, 4]]), torch.tensor([2])), "item 0"),
+        (lambda q, cu: reference.rope_2d(q, torch.zeros(q.shape[0], 3, dtype=torch.int32), 1e4), "positions"),
+        (
+            lambda q, cu: reference.projector_mlp(
+                q[:, 0], torch.ones(4, 16), torch.ones(3), torch.ones(4, 4), torch.ones(4)
+            ),
+            "b1",
+        ),  # fmt: skip
+    ],
+    ids=[
+        "cu-not-from-0",
+        "cu-short",
+        "cu-float",
+        "k-head-dim",
+        "q-2d",
+        "norm-weight",
+        "linear-weight",
+        "grid-merge",
+        "positions",
+        "projector-bias",
+    ],  # fmt: skip
+)
+def test_reference_functions_check_their_inputs(call, culprit):
+    q = torch.randn(7, 2, 16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    with pytest.raises((TypeError, ValueError), match=rf"\b{culprit}\b"):
+        call(q, cu)

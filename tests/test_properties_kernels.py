@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,10 +25,11 @@ import penguin_kernels as pk
 from penguin_kernels import reference
 from tests.utils import assert_rel_close, device, kernel_dtypes
 
-# float32: the kernels and the reference differ in summation order only (under 1e-6 measured at these
-# sizes); float16: a result rounded to 11 bits (2^-11 = 4.9e-4) once or twice after float32 math, as in
-# the per-op tests.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+# float32: summation order only; float16: a result rounded to 11 bits (2^-11 = 4.9e-4) once or twice after
+# float32 math. Random small shapes include one-row, one-hidden-unit cases whose single, nearly cancelling
+# dot product is not averaged over a large output (4.7e-5 measured in float32 at k=16, i=1), hence ten
+# times the per-op tests' bounds, which hold on averaged shapes.
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DOCUMENTED = (TypeError, ValueError, NotImplementedError)
 BAD_KINDS = ("dtype", "device", "stride", "size", "type")
 
@@ -141,16 +141,13 @@ def _randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
 
 
 dtypes = st.sampled_from(kernel_dtypes())
+seeds = st.integers(0, 2**31 - 1)  # tensors drawn from a seed per example, so that a failure replays
 rows = st.integers(0, 9)
 
 
-@pytest.fixture(autouse=True)
-def _seeded() -> None:
-    torch.manual_seed(0)
-
-
-@given(data=st.data(), dtype=dtypes, m=rows, d=st.integers(1, 40), residual=st.booleans())
-def test_rms_norm(data, dtype, m, d, residual):
+@given(seed=seeds, data=st.data(), dtype=dtypes, m=rows, d=st.integers(1, 40), residual=st.booleans())
+def test_rms_norm(seed, data, dtype, m, d, residual):
+    torch.manual_seed(seed)
     tensors = {"x": _randn(m, d, dtype=dtype), "weight": _randn(d, dtype=dtype)}
     if residual:
         tensors["residual"] = _randn(m, d, dtype=dtype)
@@ -176,6 +173,7 @@ def test_rms_norm(data, dtype, m, d, residual):
 
 
 @given(
+    seed=seeds,
     data=st.data(),
     dtype=dtypes,
     m=rows,
@@ -185,7 +183,8 @@ def test_rms_norm(data, dtype, m, d, residual):
     gelu=st.booleans(),
     residual=st.booleans(),
 )
-def test_linear(data, dtype, m, k, n, bias, gelu, residual):
+def test_linear(seed, data, dtype, m, k, n, bias, gelu, residual):
+    torch.manual_seed(seed)
     tensors = {"x": _randn(m, k, dtype=dtype), "weight": _randn(n, k, dtype=dtype, scale=k**-0.5)}
     if bias:
         tensors["bias"] = _randn(n, dtype=dtype)
@@ -208,8 +207,11 @@ def test_linear(data, dtype, m, k, n, bias, gelu, residual):
     )
 
 
-@given(data=st.data(), dtype=dtypes, m=rows, k=st.integers(1, 40), i=st.integers(1, 24), residual=st.booleans())
-def test_swiglu_mlp(data, dtype, m, k, i, residual):
+@given(
+    seed=seeds, data=st.data(), dtype=dtypes, m=rows, k=st.integers(1, 40), i=st.integers(1, 24), residual=st.booleans()
+)
+def test_swiglu_mlp(seed, data, dtype, m, k, i, residual):
+    torch.manual_seed(seed)
     tensors = {
         "x": _randn(m, k, dtype=dtype),
         "w_gate_up": _randn(2 * i, k, dtype=dtype, scale=k**-0.5),
@@ -233,8 +235,9 @@ def test_swiglu_mlp(data, dtype, m, k, i, residual):
     )
 
 
-@given(data=st.data(), dtype=dtypes, m=rows, d=st.integers(1, 32), h=st.integers(1, 24))
-def test_projector_mlp(data, dtype, m, d, h):
+@given(seed=seeds, data=st.data(), dtype=dtypes, m=rows, d=st.integers(1, 32), h=st.integers(1, 24))
+def test_projector_mlp(seed, data, dtype, m, d, h):
+    torch.manual_seed(seed)
     tensors = {
         "x": _randn(m, d, dtype=dtype),
         "w1": _randn(h, d, dtype=dtype, scale=d**-0.5),
@@ -257,8 +260,16 @@ def test_projector_mlp(data, dtype, m, d, h):
 segment_lengths = st.lists(st.integers(0, 9), min_size=1, max_size=5)
 
 
-@given(data=st.data(), dtype=dtypes, lengths=segment_lengths, kv=st.sampled_from([1, 2]), group=st.integers(1, 2))
-def test_varlen_attention(data, dtype, lengths, kv, group):
+@given(
+    seed=seeds,
+    data=st.data(),
+    dtype=dtypes,
+    lengths=segment_lengths,
+    kv=st.sampled_from([1, 2]),
+    group=st.integers(1, 2),
+)
+def test_varlen_attention(seed, data, dtype, lengths, kv, group):
+    torch.manual_seed(seed)
     n, h, hd = sum(lengths), kv * group, 64
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device())
     tensors = {name: _randn(n, heads, hd, dtype=dtype) for name, heads in (("q", h), ("k", kv), ("v", kv))}
@@ -290,8 +301,9 @@ grids = st.lists(
 )
 
 
-@given(data=st.data(), dtype=dtypes, items=grids, kv=st.sampled_from([1, 2]), hd=st.sampled_from([16, 32]))
-def test_qk_norm_rope_2d(data, dtype, items, kv, hd):
+@given(seed=seeds, data=st.data(), dtype=dtypes, items=grids, kv=st.sampled_from([1, 2]), hd=st.sampled_from([16, 32]))
+def test_qk_norm_rope_2d(seed, data, dtype, items, kv, hd):
+    torch.manual_seed(seed)
     grid = torch.tensor([[t, h * m, w * m] for t, h, w, m in items])
     merge = torch.tensor([m for *_, m in items])
     positions, _ = reference.rope_positions(grid, merge)
