@@ -211,12 +211,12 @@ def load_encoder(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors {[_ckpt_name(k, prefix, proj_prefix) for k in missing]}")
+            parts.append(f"missing tensors {_listed([_ckpt_name(k, prefix, proj_prefix) for k in missing])}")
         if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        raise CheckpointError(f"{path}: " + "; ".join(parts))
+            parts.append(f"unexpected tensors {_listed(unexpected)}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts) + _FROM_CONFIG.format(path / "config.json"))
 
-    state = _read_tensors(files, wanted, expected, device)
+    state = _read_tensors(files, wanted, expected, device, path / "config.json")
     stored = {t.dtype for t in state.values()}
     target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     if target not in _DTYPES:
@@ -224,6 +224,16 @@ def load_encoder(
     state = {k: v.to(target) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     return model
+
+
+# the config decides which tensors the encoder has and their shapes: a wrong value there shows as tensors that
+# do not fit, so the message names both
+_FROM_CONFIG = " (the names and shapes expected follow {})"
+
+
+def _listed(items: list[str], most: int = 8) -> list[str]:
+    """At most ``most`` items and a count of the rest: a config with a wrong layer count misses hundreds."""
+    return items if len(items) <= most else [*items[:most], f"... {len(items) - most} more"]
 
 
 def _ckpt_name(model_name: str, prefix: str, proj_prefix: str | None) -> str:
@@ -242,6 +252,7 @@ def _read_tensors(
     wanted: dict[str, str],
     expected: dict[str, tuple[int, ...]],
     device: torch.device | str | None,
+    config: Path,
 ) -> dict[str, torch.Tensor]:
     by_file: dict[Path, list[str]] = {}
     for model_name, ckpt_name in wanted.items():
@@ -263,7 +274,9 @@ def _read_tensors(
                 else:
                     state[model_name] = f.get_tensor(ckpt_name)
     if misfits:
-        raise CheckpointError("tensors that do not fit the encoder: " + "; ".join(misfits))
+        raise CheckpointError(
+            "tensors that do not fit the encoder: " + "; ".join(_listed(misfits)) + _FROM_CONFIG.format(config)
+        )
     return state
 
 

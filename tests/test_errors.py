@@ -329,3 +329,9 @@ def test_reference_functions_check_their_inputs(call, culprit):
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     with pytest.raises((TypeError, ValueError), match=rf"\b{culprit}\b"):
         call(q, cu)
+
+
+def test_rank_that_is_not_a_number_is_named(data, ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "first")
+    assert main(["encode", "data/img0.png", "--model", str(ckpt), "--out", "o.safetensors"]) == 2
+    assert "RANK='first'" in capsys.readouterr().err

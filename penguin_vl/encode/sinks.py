@@ -2,11 +2,12 @@
 (:class:`DirSink`), each written atomically, with the metadata of what produced them (:class:`RunInfo`)
 and, for a directory or a sharded run, the run index.
 
-A sink is driven by :func:`penguin_vl.encode.encode` through :class:`Sink`: ``conflicts`` and
-``clear_stale`` before the run, ``add`` per encoded input, ``commit`` at the end.
+A sink is driven through :class:`Sink`: ``conflicts`` (and, resuming, ``resume``) before the run, ``begin``
+and ``add`` per encoded input by :func:`penguin_vl.encode.encode`, ``commit`` at the end. Nothing is
+removed before the run: an interrupted one leaves every earlier output whole.
 
 Index: a directory's ``index.json`` (or ``out.index.json`` beside a sharded file) maps input names to the
-files holding them and lists the failed inputs; it is written last and marks a finished run. Under
+files holding them and lists the failed inputs; it is written last and describes the last finished run. Under
 ``torchrun`` every rank writes its own part, recorded with a digest of the run (input list, settings,
 model, and the files they name); the last rank to find all the parts of its run writes the index, and
 :func:`merge_index` rebuilds it from the parts.
