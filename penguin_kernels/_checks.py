@@ -1,4 +1,5 @@
-"""Input validation shared by the public kernel wrappers: clear errors raised before any launch."""
+"""Input validation shared by the public kernel wrappers (clear errors raised before any launch), and the
+cache that runs it once per input signature."""
 
 from __future__ import annotations
 

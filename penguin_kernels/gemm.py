@@ -47,7 +47,7 @@ bfloat16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bfloat16 is refused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -287,16 +287,18 @@ def launch_gemm(
     *,
     gelu: bool = False,
     swiglu: bool = False,
+    kernel: Any = None,
 ) -> torch.Tensor:
     """Launch ``plan`` on validated operands; returns a new ``plan.out_shape`` tensor.
 
     ``x`` and ``residual`` are passed whole: the kernel reads their rows through the planned strides.
+    ``kernel``: ``wrap_triton(_gemm_kernel)`` when the caller already holds it (one op, two GEMMs).
     """
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
     if plan.m == 0:
         return y
     tile = plan.tile
-    wrap_triton(_gemm_kernel)[plan.grid](
+    (kernel or wrap_triton(_gemm_kernel))[plan.grid](
         x,
         weight,
         x if bias is None else bias,

@@ -105,6 +105,7 @@ def select_config(d: int) -> NormConfig:
 class _Plan(NamedTuple):
     """Everything a launch needs that depends only on the inputs' metadata."""
 
+    shape: tuple[int, ...]
     grid: tuple[int]
     rows: int
     width: int
@@ -140,6 +141,7 @@ def _build_plan(
     cfg = config or select_config(d)
     m = rows.shape[0]
     return _Plan(
+        shape=tuple(x.shape),
         grid=(-(-m // cfg.block_m),),
         rows=m,
         width=d,
@@ -166,8 +168,8 @@ def _launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # x and residual are passed whole: the kernel addresses their rows through the planned strides.
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(plan.shape, dtype=x.dtype, device=x.device)
+    s = None if residual is None else torch.empty(plan.shape, dtype=x.dtype, device=x.device)
     if plan.rows > 0:
         wrap_triton(_rms_norm_kernel)[plan.grid](
             x,

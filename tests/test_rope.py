@@ -65,9 +65,9 @@ def poisoned(monkeypatch):
 @pytest.fixture
 def no_launch(monkeypatch):
     def launch(*args, **kwargs):
-        raise AssertionError("the op was called: validation should have failed first")
+        raise AssertionError("the kernel was launched: validation should have failed first")
 
-    monkeypatch.setattr(rope, "_qk_norm_rope_2d_op", launch)
+    monkeypatch.setattr(rope, "_launch", launch)
 
 
 def _inputs(n, heads, kv_heads, hd, dtype, *, layout="fused", max_pos=4000, seed=0, dev=None):
