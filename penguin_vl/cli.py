@@ -191,7 +191,7 @@ def _warnings_as_lines() -> Iterator[None]:
     """Warnings about inputs (16-bit images) on their own ``penguin-vl: warning:`` line, whatever filters the
     caller set: they describe the data, not the code."""
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (warnings' API)
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"{PROG}: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():

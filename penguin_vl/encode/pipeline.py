@@ -242,7 +242,7 @@ def encode(
             progress.update(len(batch.items), batch.tokens)
 
     def run_by_frame(batch: _Batch) -> None:
-        start = 0
+        row = 0
         for p in batch.items:
             frames = p.frames
             parts = []
@@ -251,9 +251,9 @@ def encode(
                 grid = torch.tensor([[1, h, w]], dtype=p.grid_sizes.dtype)
                 merge = torch.tensor([m], dtype=p.merge_sizes.dtype)
                 with torch.inference_mode():
-                    parts.append(model(batch.pixel_values[start : start + h * w], grid, merge, project=project))
+                    parts.append(model(batch.pixel_values[row : row + h * w], grid, merge, project=project))
                 summary.encode += time.perf_counter() - t0
-                start += h * w
+                row += h * w
                 if progress is not None:  # k + 1 of the input's frames done, as an exact fraction of it
                     progress.update((k + 1) / len(frames) - k / len(frames), h * w)
             write(p, torch.cat(parts) if len(parts) > 1 else parts[0])
