@@ -195,8 +195,9 @@ def _check_picture(image: Image.Image, where: str) -> None:
         )
     if image.mode in _DEEP_MODES:
         warnings.warn(
-            f"{_culprit(where, image)}: a 16-bit image (mode {image.mode}) is converted to RGB as the reference "
-            "does, which clips every value above 255 to white; scale it to 8 bits first for a faithful encoding",
+            f"{_culprit(where, image)}: more than 8 bits per sample (mode {image.mode}, e.g. a 16-bit PNG); "
+            "converted to RGB as the reference does, which clips every value above 255 to white; scale it to "
+            "8 bits first for a faithful encoding",
             ImageWarning,
             stacklevel=2,
         )

@@ -110,11 +110,11 @@ def test_files(tmp_path, data, spec):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's own words on damaged metadata
         expected = _reference(path)
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            animated = getattr(image, "n_frames", 1) > 1
-    except Exception:  # noqa: BLE001 (not an image Pillow can count frames of)
-        animated = False
+        try:
+            with Image.open(io.BytesIO(content)) as image:
+                animated = getattr(image, "n_frames", 1) > 1
+        except Exception:  # noqa: BLE001 (not an image Pillow can count frames of)
+            animated = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
