@@ -232,7 +232,8 @@ def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> tor
             grid = xi.view(t, h // m, w // m, m, m, d).permute(0, 5, 1, 3, 2, 4).reshape(t, d, h, w)
             small = F.interpolate(grid, size=(h // m, w // m), mode="bilinear", align_corners=False)
             out.append(small.permute(0, 2, 3, 1).reshape(-1, d))
-    return torch.cat(out) if len(out) != 1 else out[0]
+    # one interpolated item comes out as a transposed view; callers save and pin features, which needs them dense
+    return torch.cat(out) if len(out) != 1 else out[0].contiguous()
 
 
 def packing(
