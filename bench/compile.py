@@ -59,6 +59,7 @@ __all__ = [
 KERNEL_MODULES = (
     "penguin_kernels.rope",
     "penguin_kernels.attention",
+    "penguin_kernels.block_table",
     "penguin_kernels.gemm",
     "penguin_kernels.mlp",
     "penguin_kernels.norm",

@@ -66,6 +66,7 @@ from penguin_kernels._checks import (
     runnable,
     signature,
 )
+from penguin_kernels.block_table import FIELDS, fill_block_table, table_rows
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import DTYPES, Device, describe_arch, device_info
 
@@ -74,75 +75,8 @@ __all__ = ["AttentionConfig", "varlen_attention", "varlen_attention_op", "select
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
-# Fields per row of the block table: bos, eos, first query token, scratch.
-_PLAN_FIELDS = 4
-_PLAN_BLOCK = 1024
-_PLAN_WARPS = 4
 # Every allocation of the op goes through this name, so tests can hand out poisoned buffers.
 _empty = torch.empty
-
-
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _plan_kernel(
-    cu_seqlens,
-    plan,
-    S,
-    n_plan,
-    TOKENS_PER_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Fill ``plan`` ``[n_plan, 4]`` with one ``(bos, eos, q_start, -)`` row per query block.
-
-    Three passes in one program: clear the scratch columns; every non-empty segment writes its index
-    and its first row at its first row (those rows are distinct); a running max then carries both
-    down to the segment's other rows. Rows past the last block get an empty range.
-    """
-    o_i = tl.arange(0, BLOCK)
-    zeros = tl.zeros([BLOCK], dtype=tl.int32)
-    for i0 in range(0, n_plan, BLOCK):
-        o_p = i0 + o_i
-        m_p = o_p < n_plan
-        tl.store(plan + o_p * 4 + 2, zeros, mask=m_p)
-        tl.store(plan + o_p * 4 + 3, zeros, mask=m_p)
-    tl.debug_barrier()
-
-    n_blocks = tl.full([], 0, dtype=tl.int32)
-    for s0 in range(0, S, BLOCK):
-        o_s = s0 + o_i
-        m_s = o_s < S
-        b_bos = tl.load(cu_seqlens + o_s, mask=m_s, other=0)
-        b_eos = tl.load(cu_seqlens + o_s + 1, mask=m_s, other=0)
-        b_cnt = (b_eos - b_bos + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
-        b_first = n_blocks + tl.cumsum(b_cnt, 0) - b_cnt
-        m_w = m_s & (b_cnt > 0) & (b_first < n_plan)
-        tl.store(plan + b_first * 4 + 2, b_first, mask=m_w)
-        tl.store(plan + b_first * 4 + 3, o_s, mask=m_w)
-        n_blocks += tl.sum(b_cnt, 0)
-    tl.debug_barrier()
-
-    seg_carry = tl.full([], 0, dtype=tl.int32)
-    first_carry = tl.full([], 0, dtype=tl.int32)
-    for i0 in range(0, n_plan, BLOCK):
-        o_p = i0 + o_i
-        m_p = o_p < n_plan
-        b_first = tl.load(plan + o_p * 4 + 2, mask=m_p, other=0)
-        b_seg = tl.load(plan + o_p * 4 + 3, mask=m_p, other=0)
-        b_first = tl.maximum(tl.associative_scan(b_first, 0, _max_combine), first_carry)
-        b_seg = tl.maximum(tl.associative_scan(b_seg, 0, _max_combine), seg_carry)
-        first_carry = tl.max(b_first, 0)
-        seg_carry = tl.max(b_seg, 0)
-        m_live = m_p & (o_p < n_blocks)
-        b_bos = tl.load(cu_seqlens + b_seg, mask=m_live, other=0)
-        b_eos = tl.load(cu_seqlens + b_seg + 1, mask=m_live, other=0)
-        b_start = b_bos + (o_p - b_first) * TOKENS_PER_BLOCK
-        tl.store(plan + o_p * 4, b_bos, mask=m_p)
-        tl.store(plan + o_p * 4 + 1, b_eos, mask=m_p)
-        tl.store(plan + o_p * 4 + 2, tl.where(m_live, b_start, 0), mask=m_p)
 
 
 @triton.jit
@@ -427,8 +361,7 @@ def _build_launch(
     cfg = config or select_config(device_info(q.device), q.dtype, hd, max_seqlen)
     pack = _pack(group, cfg)
     tokens = cfg.block_m // pack
-    # Upper bound on sum_i ceil(L_i / tokens) without reading cu_seqlens; spare rows exit at once.
-    n_plan = min(-(-n // tokens) + n_seg, n_seg * -(-max_seqlen // tokens)) if n and n_seg and max_seqlen else 0
+    n_plan = table_rows(n, n_seg, max_seqlen, tokens)
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
     return _Launch(
         out_shape=(n, h, hd),
@@ -484,16 +417,8 @@ def _launch(
     lse = _empty(launch.out_shape[:2], dtype=torch.float32, device=q.device)
     if launch.n_plan == 0:
         return out, lse
-    plan = _empty((launch.n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
-    wrap_triton(_plan_kernel)[(1,)](
-        cu_seqlens,
-        plan,
-        launch.n_seg,
-        launch.n_plan,
-        TOKENS_PER_BLOCK=launch.tokens,
-        BLOCK=_PLAN_BLOCK,
-        num_warps=_PLAN_WARPS,
-    )
+    table = _empty((launch.n_plan, FIELDS), dtype=torch.int32, device=q.device)
+    plan = fill_block_table(cu_seqlens, table, launch.tokens)
     wrap_triton(_varlen_attn_fwd_kernel)[launch.grid](
         q,
         k,
@@ -646,19 +571,10 @@ def varlen_attention(
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """Every shipped config for ``sm_<arch>``: bf16 at head_dim 64 and 128, long and short segments;
-    fp16 and a GQA ratio of 8 (pack 8) on the long configs; float32; and the planning kernel."""
+    fp16 and a GQA ratio of 8 (pack 8) on the long configs; float32."""
     device = describe_arch(arch)
     strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_on", "stride_oh")
-    cases = [
-        CompileCase(
-            name="plan",
-            fn=_plan_kernel,
-            signature={"cu_seqlens": "*i32", "plan": "*i32", "S": "i32", "n_plan": "i32"},
-            constexprs={"TOKENS_PER_BLOCK": 64, "BLOCK": _PLAN_BLOCK},
-            num_warps=_PLAN_WARPS,
-            num_stages=1,
-        )
-    ]
+    cases = []
     # (dtype, head_dim, group, max_seqlen): 4096 selects the long configs, 16 the short ones.
     shapes = [("bf16", hd, 2, ms) for hd in SUPPORTED_HEAD_DIMS for ms in (4096, 16)]
     shapes += [("fp16", hd, 2, 4096) for hd in SUPPORTED_HEAD_DIMS] + [("bf16", 128, 8, 4096)]

@@ -29,7 +29,7 @@ Design:
   ``dO v^T`` per tile (2 of the backward's 5 matmuls of work), which is what flash-attn 2 pays in
   its deterministic mode too. No atomic variant is shipped.
 * **Tiles and scheduling** follow the forward: block tables from
-  :func:`penguin_kernels.attention._plan_kernel` (one row per key block for the dk/dv kernel, per
+  :mod:`penguin_kernels.block_table` (one row per key block for the dk/dv kernel, per
   query block for the dq kernel), so short segments spawn no idle programs; query heads of a
   group are packed ``PACK`` to a tile's rows as in the forward (row ``r``: token ``r // PACK``, head
   ``r % PACK``). The dk/dv kernel computes transposed tiles ``k q^T`` ``[BLOCK_N, BLOCK_M]`` so that
@@ -54,14 +54,11 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import dot_precision
 from penguin_kernels.attention import (
     _LOG2E,
-    _PLAN_BLOCK,
-    _PLAN_FIELDS,
-    _PLAN_WARPS,
     _load_rows,
-    _plan_kernel,
     _scores,
     _varlen_attention_op,
 )
+from penguin_kernels.block_table import FIELDS, fill_block_table, table_rows
 from penguin_kernels.device import Device, describe_arch, device_info
 
 if TYPE_CHECKING:
@@ -380,19 +377,9 @@ def _pack(group: int, cfg: BackwardConfig) -> int:
 
 def _plan(cu_seqlens: torch.Tensor, n: int, max_seqlen: int, tokens: int) -> torch.Tensor:
     """The forward's block table, ``tokens`` per block; bounded without reading ``cu_seqlens``."""
-    n_seg = cu_seqlens.numel() - 1
-    n_plan = min(triton.cdiv(n, tokens) + n_seg, n_seg * triton.cdiv(max_seqlen, tokens))
-    plan = torch.empty((n_plan, _PLAN_FIELDS), dtype=torch.int32, device=cu_seqlens.device)
-    wrap_triton(_plan_kernel)[(1,)](
-        cu_seqlens,
-        plan,
-        n_seg,
-        n_plan,
-        TOKENS_PER_BLOCK=tokens,
-        BLOCK=_PLAN_BLOCK,
-        num_warps=_PLAN_WARPS,
-    )
-    return plan
+    rows = table_rows(n, cu_seqlens.numel() - 1, max_seqlen, tokens)
+    table = torch.empty((rows, FIELDS), dtype=torch.int32, device=cu_seqlens.device)
+    return fill_block_table(cu_seqlens, table, tokens) if rows else table
 
 
 @triton_op("penguin::varlen_attention_backward", mutates_args=())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import penguin_kernels.attention as attention
+import penguin_kernels.block_table as block_table
 import penguin_kernels.device as device_module
 from penguin_kernels import reference as ref
 from penguin_kernels.attention import varlen_attention, varlen_attention_op
@@ -186,7 +187,7 @@ def test_block_table_across_chunks():
     counts = (lengths + tokens - 1) // tokens
     n_plan = int(counts.sum()) + 37
     plan = _poisoned_empty((n_plan, 4), dtype=torch.int32, device=device())
-    attention._plan_kernel[(1,)](cu, plan, lengths.numel(), n_plan, TOKENS_PER_BLOCK=tokens, BLOCK=1024)
+    block_table.block_table_kernel[(1,)](cu, plan, lengths.numel(), n_plan, TOKENS_PER_BLOCK=tokens, BLOCK=1024)
     rows = []
     bounds = cu.tolist()
     for s, c in enumerate(counts.tolist()):
