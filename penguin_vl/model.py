@@ -31,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,22 +236,42 @@ def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> tor
     return torch.cat(out) if len(out) != 1 else out[0]
 
 
-def packing(
-    ops: ModuleType,
-    grid_sizes: torch.Tensor,
-    merge_sizes: torch.Tensor,
-    items: list[tuple[int, int, int, int]],
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(positions, cu_seqlens, max_seqlen)`` of a packed batch on ``device``, from the grid read once
-    on the host by :func:`check_grid` (so the device work needs no sync)."""
-    positions, cu_seqlens = ops.rope_positions(
-        grid_sizes.to(device),
-        merge_sizes.to(device),
-        total_tokens=sum(t * h * w for t, h, w, _ in items),
-        num_frames=sum(t for t, _, _, _ in items),
-    )
-    return positions, cu_seqlens, max(h * w for _, h, w, _ in items)
+def _frame_positions(h: int, w: int, m: int) -> np.ndarray:
+    """``(row, col)`` of one ``h x w`` frame's tokens in merge-block order (SPEC section 3), ``[h*w, 2]``."""
+    block, r = np.divmod(np.arange(h * w, dtype=np.int32), m * m)
+    cols = w // m
+    return np.stack([(block // cols) * m + r // m, (block % cols) * m + r % m], axis=1)
+
+
+@torch.compiler.disable
+def _host_packing(items: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int, int]:
+    """``(buffer, frames, offset)``: one int32 host buffer holding ``cu_seqlens`` at 0 and the positions
+    at ``offset``, 16-byte aligned as the kernels' pointers are specialised."""
+    frames = sum(t for t, _, _, _ in items)
+    n = sum(t * h * w for t, h, w, _ in items)
+    offset = -(-(frames + 1) // 4) * 4
+    buf = np.zeros(offset + 2 * n, dtype=np.int32)
+    np.cumsum(np.repeat([h * w for _, h, w, _ in items], [t for t, _, _, _ in items]), out=buf[1 : frames + 1])
+    positions = buf[offset:].reshape(n, 2)
+    start = 0
+    for t, h, w, m in items:
+        size = h * w
+        # every frame of a clip repeats its first frame's positions
+        positions[start : start + t * size].reshape(t, size, 2)[:] = _frame_positions(h, w, m)
+        start += t * size
+    return torch.from_numpy(buf), frames, offset
+
+
+def packing(items: list[tuple[int, int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(positions, cu_seqlens, max_seqlen)`` of a packed batch on ``device`` (what
+    :func:`penguin_kernels.rope_positions` computes), from the grid :func:`check_grid` read on the host.
+
+    Built on the host, where the grid already is, and sent in one copy: a few array operations in
+    place of a chain of small device launches, and no sync.
+    """
+    buf, frames, offset = _host_packing(items)
+    buf = buf.to(device, non_blocking=True)
+    return buf[offset:].view(-1, 2), buf[: frames + 1], max((h * w for _, h, w, _ in items), default=0)
 
 
 class PenguinEncoder(nn.Module):
@@ -373,7 +394,7 @@ class PenguinEncoder(nn.Module):
             raise ValueError("project=True needs a projector: load a full Penguin-VL checkpoint")
         items = check_grid(pixel_values, grid_sizes, merge_sizes, self.config.patch_dim)
         ops = ops_for(self.backend)
-        positions, cu_seqlens, max_seqlen = packing(ops, grid_sizes, merge_sizes, items, self.device)
+        positions, cu_seqlens, max_seqlen = packing(items, self.device)
         x = self.encode_packed(pixel_values.to(self.device), positions, cu_seqlens, max_seqlen)
         x = merge_tokens(x, items)
         return self.projector(x, ops) if project else x
