@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(measure(name, fn, calls=args.calls))
         forward = f"encoder forward, {args.layers} layers"
         if args.layers and selected(forward):
-            rows.append(measure(forward, encoder_forward(args.layers), calls=3, repeats=5))
+            rows.append(measure(forward, encoder_forward(args.layers), calls=3, repeats=15))
     env = {**environment(), "commit": _commit()}
     date = dt.datetime.now().isoformat(timespec="seconds")
     table = markdown(rows, env, date)
