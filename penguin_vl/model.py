@@ -104,14 +104,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``residual + attention(h)``."""
         n = h.shape[0]
-        qkv = ops.linear(h, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv_proj, o_proj = self.qkv_proj, self.o_proj  # each submodule looked up once (nn.Module.__getattr__)
+        qkv = ops.linear(h, qkv_proj.weight, qkv_proj.bias)
         # one view and one split (views of qkv, read in place) cost less than a slice and a view per head group
         q, k, v = qkv.view(n, self.qkv_heads, self.head_dim).split_with_sizes(self.head_split, 1)
         q, k = ops.qk_norm_rope_2d(
             q, k, self.q_norm.weight, self.k_norm.weight, positions, theta=self.theta, eps=self.eps
         )
         a = ops.varlen_attention_op(q, k, v, cu_seqlens, max_seqlen)
-        return ops.linear(a.reshape(n, self.q_dim), self.o_proj.weight, self.o_proj.bias, residual=residual)
+        return ops.linear(a.reshape(n, self.q_dim), o_proj.weight, o_proj.bias, residual=residual)
 
 
 class MLP(nn.Module):
