@@ -15,7 +15,11 @@ the floor that every registered op pays. The command re-executes itself in the e
 Shapes are the released encoder's (hidden 1024, 16 query and 8 KV heads of 128, intermediate 3072) at
 the ``latency`` workload (one 1024-token image), in float16 under ``torch.inference_mode()``, the way
 the model calls the ops. :func:`encoder_forward` times a whole forward of the Triton-backend encoder
-the same way.
+the same way, and :func:`packing_calls` the part of it before the layers: the grid read and the
+positions and ``cu_seqlens`` built on the host. Their one copy to the device is a no-op here (the
+model is on the CPU); on a GPU it is one host-to-device copy call. ``rope_positions`` (the device-side
+builder, a chain of small torch ops) runs for real on the CPU here, where on a GPU it would queue
+device work: its row is CPU compute as much as host time, and the forward no longer calls it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch.library import triton_op
 import penguin_kernels as pk
 from bench.timing import environment
 
-__all__ = ["HostTime", "encoder_forward", "measure", "op_calls", "stubbed_launches", "main"]
+__all__ = ["HostTime", "encoder_forward", "measure", "op_calls", "packing_calls", "stubbed_launches", "main"]
 
 TOKENS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 1024, 16, 8, 128, 3072
 # The process the measurement runs in: Triton's interpreter (so CPU tensors are launchable, set before
@@ -185,6 +189,29 @@ def encoder_forward(layers: int = 28, device: str = "cpu", dtype: torch.dtype = 
     return lambda: model(inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes)
 
 
+def packing_calls(device: str = "cpu") -> dict[str, Callable[[], Any]]:
+    """The forward's host-side packing of the ``latency`` image: the grid read (:func:`check_grid`), then
+    positions and ``cu_seqlens`` built on the host and copied once, with its frame size seen before (as
+    in every timed forward) and for the first time."""
+    from penguin_vl import PenguinEncoderConfig, model
+    from penguin_vl.workloads import get, make_inputs
+
+    patch_dim = PenguinEncoderConfig().patch_dim
+    inputs = make_inputs(get("latency"), patch_dim=patch_dim, device=device, dtype=torch.float16)
+    args = (inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes, patch_dim)
+
+    def first_sight() -> Any:
+        model._frame_positions.cache_clear()
+        return model.packing(model.check_grid(*args), torch.device(device))
+
+    return {
+        "forward's packing (grid read, positions on the host)": lambda: model.packing(
+            model.check_grid(*args), torch.device(device)
+        ),
+        "forward's packing, new frame size": first_sight,
+    }
+
+
 def _commit() -> str:
     """The checkout measured (a merge names its parents), so that a committed table says what it describes."""
     try:
@@ -236,9 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, fn in op_calls().items():
             if selected(name):
                 rows.append(measure(name, fn, calls=args.calls))
+        for name, fn in packing_calls().items():
+            if selected(name):
+                rows.append(measure(name, fn, calls=args.calls))
         forward = f"encoder forward, {args.layers} layers"
         if args.layers and selected(forward):
-            rows.append(measure(forward, encoder_forward(args.layers), calls=3, repeats=5))
+            rows.append(measure(forward, encoder_forward(args.layers), calls=1, repeats=45))
     env = {**environment(), "commit": _commit()}
     date = dt.datetime.now().isoformat(timespec="seconds")
     table = markdown(rows, env, date)

@@ -1,5 +1,5 @@
-"""Input validation shared by the public kernel wrappers (clear errors raised before any launch), and the
-cache that runs it once per input signature."""
+"""What the public kernel wrappers share: input validation (clear errors raised before any launch), the
+cache that runs it once per input signature, and the cheap parts of a launch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled
+from torch.library import wrap_triton
 
 from penguin_kernels.device import DTYPES, interpreter_active
 
@@ -48,6 +50,27 @@ class ShapeCache(Generic[T]):
 def signature(t: torch.Tensor) -> tuple:
     """The metadata a check reads: shape, strides, dtype and device."""
     return t.shape, t.stride(), t.dtype, t.device
+
+
+def traceable(kernel: T) -> T:
+    """``wrap_triton(kernel)``, at the cost of one flag read where it would return ``kernel`` itself.
+
+    A registered op runs eagerly with wrap_triton turned off, and wrap_triton then hands back the kernel
+    after imports and type checks that cost microseconds per launch (more for the interpreter's kernels,
+    which it recognises last); while tracing (fake tensors, ``torch.compile``) the flag is on and the
+    kernel is wrapped as before.
+    """
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``: outputs are allocated with
+    ``x.new_empty_strided``, the cheapest allocation call that carries ``x``'s dtype and device."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= torch.sym_max(size, 1)
+    return tuple(reversed(strides))
 
 
 def runnable(t: torch.Tensor) -> bool:

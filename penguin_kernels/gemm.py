@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from penguin_kernels._checks import (
     ShapeCache,
@@ -60,9 +60,11 @@ from penguin_kernels._checks import (
     check_input,
     check_residual,
     check_weight,
+    contiguous_strides,
     dot_precision,
     runnable,
     signature,
+    traceable,
 )
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import Device, describe_arch, device_info
@@ -241,6 +243,7 @@ class GemmPlan(NamedTuple):
     stride_xm: int
     stride_rm: int
     out_shape: tuple[int, ...]
+    out_strides: tuple[int, ...]
     grid: tuple[int]
     tile: Tile
     even_k: bool
@@ -270,6 +273,7 @@ def plan_gemm(
         stride_xm=stride_xm,
         stride_rm=stride_rm,
         out_shape=out_shape,
+        out_strides=contiguous_strides(out_shape),
         grid=(-(-m // tile.bm) * -(-n // tile.bn),),
         tile=tile,
         even_k=k % tile.bk == 0,
@@ -291,13 +295,13 @@ def launch_gemm(
     """Launch ``plan`` on validated operands; returns a new ``plan.out_shape`` tensor.
 
     ``x`` and ``residual`` are passed whole: the kernel reads their rows through the planned strides.
-    ``kernel``: ``wrap_triton(_gemm_kernel)`` when the caller already holds it (one op, two GEMMs).
+    ``kernel``: ``traceable(_gemm_kernel)`` when the caller already holds it (one op, two GEMMs).
     """
-    y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+    y = x.new_empty_strided(plan.out_shape, plan.out_strides)
     if plan.m == 0:
         return y
     tile = plan.tile
-    (kernel or wrap_triton(_gemm_kernel))[plan.grid](
+    (kernel or traceable(_gemm_kernel))[plan.grid](
         x,
         weight,
         x if bias is None else bias,

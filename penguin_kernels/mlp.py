@@ -38,7 +38,7 @@ Performance design (H100 SXM, bf16: ~990 TFLOP/s dense peak, ~700 sustained by g
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from penguin_kernels._checks import (
     ShapeCache,
@@ -48,6 +48,7 @@ from penguin_kernels._checks import (
     check_weight,
     runnable,
     signature,
+    traceable,
 )
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import device_info
@@ -154,7 +155,7 @@ def _swiglu_mlp(
     residual: torch.Tensor | None,
     plans: tuple[GemmPlan, GemmPlan],
 ) -> torch.Tensor:
-    kernel = wrap_triton(_gemm_kernel)
+    kernel = traceable(_gemm_kernel)
     h = launch_gemm(x, w_gate_up, None, None, plans[0], swiglu=True, kernel=kernel)
     return launch_gemm(h, w_down, None, residual, plans[1], kernel=kernel)
 
@@ -167,7 +168,7 @@ def _projector_mlp(
     b2: torch.Tensor,
     plans: tuple[GemmPlan, GemmPlan],
 ) -> torch.Tensor:
-    kernel = wrap_triton(_gemm_kernel)
+    kernel = traceable(_gemm_kernel)
     h = launch_gemm(x, w1, b1, None, plans[0], gelu=True, kernel=kernel)
     return launch_gemm(h, w2, b2, None, plans[1], kernel=kernel)
 

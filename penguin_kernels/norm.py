@@ -38,9 +38,18 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_like, runnable, signature
+from penguin_kernels._checks import (
+    ShapeCache,
+    as_rows,
+    check_float,
+    check_like,
+    contiguous_strides,
+    runnable,
+    signature,
+    traceable,
+)
 from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "compile_cases"]
@@ -106,6 +115,7 @@ class _Plan(NamedTuple):
     """Everything a launch needs that depends only on the inputs' metadata."""
 
     shape: tuple[int, ...]
+    strides: tuple[int, ...]
     grid: tuple[int]
     rows: int
     width: int
@@ -142,6 +152,7 @@ def _build_plan(
     m = rows.shape[0]
     return _Plan(
         shape=tuple(x.shape),
+        strides=contiguous_strides(tuple(x.shape)),
         grid=(-(-m // cfg.block_m),),
         rows=m,
         width=d,
@@ -168,10 +179,10 @@ def _launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # x and residual are passed whole: the kernel addresses their rows through the planned strides.
-    y = torch.empty(plan.shape, dtype=x.dtype, device=x.device)
-    s = None if residual is None else torch.empty(plan.shape, dtype=x.dtype, device=x.device)
+    y = x.new_empty_strided(plan.shape, plan.strides)
+    s = None if residual is None else x.new_empty_strided(plan.shape, plan.strides)
     if plan.rows > 0:
-        wrap_triton(_rms_norm_kernel)[plan.grid](
+        traceable(_rms_norm_kernel)[plan.grid](
             x,
             x if residual is None else residual,
             weight,

@@ -62,10 +62,18 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from penguin_kernels import reference
-from penguin_kernels._checks import ShapeCache, check_float, check_like, runnable, signature
+from penguin_kernels._checks import (
+    ShapeCache,
+    check_float,
+    check_like,
+    contiguous_strides,
+    runnable,
+    signature,
+    traceable,
+)
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import device_info
 
@@ -221,6 +229,8 @@ class _Plan(NamedTuple):
 
     shape_q: tuple[int, int, int]
     shape_k: tuple[int, int, int]
+    out_strides_q: tuple[int, int, int]
+    out_strides_k: tuple[int, int, int]
     grid: tuple[int, int]
     per_program: int
     strides: tuple[int, int, int, int, int, int]
@@ -266,6 +276,8 @@ def _build_plan(
     return _Plan(
         shape_q=(n, h, hd),
         shape_k=(n, kv, hd),
+        out_strides_q=contiguous_strides((n, h, hd)),
+        out_strides_k=contiguous_strides((n, kv, hd)),
         grid=(n_blocks, n_splits),
         per_program=per_program,
         strides=(q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1)),
@@ -324,12 +336,12 @@ def _launch(
     eps: float,
     plan: _Plan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out = torch.empty(plan.shape_q, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(plan.shape_k, dtype=q.dtype, device=q.device)
+    q_out = q.new_empty_strided(plan.shape_q, plan.out_strides_q)
+    k_out = q.new_empty_strided(plan.shape_k, plan.out_strides_k)
     n, h, hd = plan.shape_q
     if n == 0:
         return q_out, k_out
-    wrap_triton(_qk_norm_rope_2d_kernel)[plan.grid](
+    traceable(_qk_norm_rope_2d_kernel)[plan.grid](
         q,
         k,
         q_out,

@@ -38,7 +38,7 @@ def capture_cuda_graph(
     static_in = torch.zeros(n, model.config.patch_dim, device=model.device, dtype=model.dtype)
     items = check_grid(static_in, grid_sizes, merge_sizes, model.config.patch_dim)
     ops = ops_for(model.backend)
-    positions, cu_seqlens, max_seqlen = packing(ops, grid_sizes, merge_sizes, items, model.device)
+    positions, cu_seqlens, max_seqlen = packing(items, model.device)
 
     def body() -> torch.Tensor:
         x = merge_tokens(model.encode_packed(static_in, positions, cu_seqlens, max_seqlen), items)

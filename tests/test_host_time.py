@@ -71,3 +71,10 @@ def test_measure_and_table():
     assert row.cpu_us > 0 and row.cpu_us_min <= row.cpu_us and row.wall_us > 0
     table = host_time.markdown([row], {"device": "cpu", "torch": "t", "triton": "tr", "python": "p"}, "today")
     assert "| bare custom op |" in table and "1.00" in table
+
+
+def test_packing_calls_build_the_latency_batch():
+    for fn in host_time.packing_calls().values():
+        positions, cu_seqlens, max_seqlen = fn()
+        assert positions.shape == (host_time.TOKENS, 2) and positions[-1].tolist() == [31, 31]
+        assert cu_seqlens.tolist() == [0, host_time.TOKENS] and max_seqlen == host_time.TOKENS

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import penguin_kernels
 from penguin_kernels import reference
 from penguin_vl import CheckpointError, PenguinEncoder, PenguinEncoderConfig, ProjectorConfig, save_encoder
-from penguin_vl.model import merge_tokens
+from penguin_vl.model import check_grid, merge_tokens, packing
 from tests.utils import assert_rel_close
 
 GOLDEN = Path(os.environ.get("PENGUIN_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
@@ -307,6 +307,24 @@ def test_kernels_and_reference_offer_one_signature(name):
         return [p for p in inspect.signature(fn).parameters.values() if p.name != "config"]
 
     assert params(getattr(penguin_kernels, name)) == params(getattr(reference, name))
+
+
+def test_packing_matches_the_reference_positions():
+    """The host-built positions and cu_seqlens equal the reference's, bit for bit, on random grids."""
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        b = int(torch.randint(1, 5, (1,), generator=gen))
+        ms = torch.randint(1, 4, (b,), generator=gen)
+        hw = torch.randint(1, 6, (b, 2), generator=gen) * ms[:, None]
+        gs = torch.cat([torch.randint(1, 4, (b, 1), generator=gen), hw], dim=1)
+        pixels = torch.zeros(int(gs.prod(dim=1).sum()), 12)
+        positions, cu, max_seqlen = packing(check_grid(pixels, gs, ms, 12), torch.device("cpu"))
+        want_positions, want_cu = reference.rope_positions(gs, ms)
+        assert positions.dtype == cu.dtype == torch.int32
+        assert torch.equal(positions, want_positions) and torch.equal(cu, want_cu)
+        assert max_seqlen == int((gs[:, 1] * gs[:, 2]).max())
+        # the kernels' pointers are specialised on 16-byte alignment
+        assert positions.data_ptr() % 16 == 0 and cu.data_ptr() % 16 == 0
 
 
 def test_reference_positions_check_their_hints():

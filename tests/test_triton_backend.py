@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from penguin_vl import PenguinEncoder, PenguinEncoderConfig, ProjectorConfig
 from penguin_vl.cuda_graph import capture_cuda_graph
-from penguin_vl.model import check_grid, merge_tokens, ops_for, packing
+from penguin_vl.model import check_grid, merge_tokens, packing
 from tests.test_model import GOLDEN, GOLDEN_TOL, requires_golden
 from tests.utils import HAS_CUDA, INTERPRETER, assert_rel_close, device, requires_cuda
 
@@ -125,7 +125,7 @@ def test_torch_compile_and_cuda_graph():
     torch.testing.assert_close(compiled(pv, gs, ms), eager, rtol=2e-2, atol=2e-2)
     # Every layer in one graph: fullgraph=True raises on any graph break.
     items = check_grid(pv, gs, ms, cfg.patch_dim)
-    positions, cu_seqlens, max_seqlen = packing(ops_for("triton"), gs, ms, items, model.device)
+    positions, cu_seqlens, max_seqlen = packing(items, model.device)
     layers = torch.compile(model.encode_packed, fullgraph=True)
     x = layers(pv.to(torch.bfloat16), positions, cu_seqlens, max_seqlen)
     torch.testing.assert_close(merge_tokens(x, items), eager, rtol=2e-2, atol=2e-2)
