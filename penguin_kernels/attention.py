@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from penguin_kernels._checks import (
     ShapeCache,
@@ -65,6 +65,7 @@ from penguin_kernels._checks import (
     dot_precision,
     runnable,
     signature,
+    traceable,
 )
 from penguin_kernels.block_table import FIELDS, fill_block_table, table_rows
 from penguin_kernels.compile_case import CompileCase
@@ -419,7 +420,7 @@ def _launch(
         return out, lse
     table = _empty((launch.n_plan, FIELDS), dtype=torch.int32, device=q.device)
     plan = fill_block_table(cu_seqlens, table, launch.tokens)
-    wrap_triton(_varlen_attn_fwd_kernel)[launch.grid](
+    traceable(_varlen_attn_fwd_kernel)[launch.grid](
         q,
         k,
         v,

@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from penguin_kernels._checks import dot_precision
+from penguin_kernels._checks import dot_precision, traceable
 from penguin_kernels.attention import (
     _LOG2E,
     _load_rows,
@@ -405,7 +405,7 @@ def _varlen_attention_backward_op(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     delta = torch.empty((n, h), dtype=torch.float32, device=q.device)
-    wrap_triton(_delta_kernel)[(triton.cdiv(n, _DELTA_TOKENS), h)](
+    traceable(_delta_kernel)[(triton.cdiv(n, _DELTA_TOKENS), h)](
         out,
         dout,
         delta,
@@ -426,7 +426,7 @@ def _varlen_attention_backward_op(
 
     pack = _pack(group, cfg_kv)
     plan = _plan(cu_seqlens, n, max_seqlen, cfg_kv.block_n)
-    wrap_triton(_dkdv_kernel)[(plan.shape[0], kv)](
+    traceable(_dkdv_kernel)[(plan.shape[0], kv)](
         q,
         k,
         v,
@@ -463,7 +463,7 @@ def _varlen_attention_backward_op(
 
     pack = _pack(group, cfg_q)
     plan = _plan(cu_seqlens, n, max_seqlen, cfg_q.block_m // pack)
-    wrap_triton(_dq_kernel)[(plan.shape[0], h // pack)](
+    traceable(_dq_kernel)[(plan.shape[0], h // pack)](
         q,
         k,
         v,

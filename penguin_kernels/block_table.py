@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
+from penguin_kernels._checks import traceable
 from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["FIELDS", "block_table_kernel", "table_rows", "fill_block_table", "compile_cases"]
@@ -98,7 +98,7 @@ def table_rows(n: int, n_seg: int, max_seqlen: int, tokens: int) -> int:
 
 def fill_block_table(cu_seqlens: torch.Tensor, table: torch.Tensor, tokens: int) -> torch.Tensor:
     """Fill ``table`` ``[rows, FIELDS]`` (int32, rows from :func:`table_rows`) for ``tokens`` per block."""
-    wrap_triton(block_table_kernel)[(1,)](
+    traceable(block_table_kernel)[(1,)](
         cu_seqlens,
         table,
         cu_seqlens.numel() - 1,

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from penguin_kernels._checks import traceable
 from penguin_kernels.gemm import _gate_up_swiglu_op, _linear_op
 from penguin_kernels.mlp import _projector_mlp_op, _swiglu_mlp_op
 
@@ -100,7 +101,7 @@ def _gelu_backward_op(z: torch.Tensor, dy: torch.Tensor, store_h: bool) -> tuple
     h = torch.empty(z.shape if store_h else (0,), dtype=z.dtype, device=z.device)
     n = z.numel()
     if n:
-        wrap_triton(_gelu_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+        traceable(_gelu_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
             z, dy, dz, h if store_h else dz, n, STORE_H=store_h, BLOCK=_BLOCK, num_warps=_NUM_WARPS
         )
     return dz, h
@@ -117,7 +118,7 @@ def _swiglu_backward_op(gate_up: torch.Tensor, dh: torch.Tensor, store_h: bool) 
     if m and inter:
         bi = min(triton.next_power_of_2(inter), 128)
         bm = max(1, _BLOCK // bi)
-        wrap_triton(_swiglu_bwd_kernel)[(triton.cdiv(m, bm), triton.cdiv(inter, bi))](
+        traceable(_swiglu_bwd_kernel)[(triton.cdiv(m, bm), triton.cdiv(inter, bi))](
             gate_up, dh, dgu, h if store_h else dgu, m, inter, STORE_H=store_h, BM=bm, BI=bi, num_warps=_NUM_WARPS
         )
     return dgu, h

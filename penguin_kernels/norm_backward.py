@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from penguin_kernels._checks import traceable
 from penguin_kernels.device import device_info
 from penguin_kernels.norm import _rms_norm_op, _rms_norm_residual_op, select_config
 
@@ -119,7 +120,7 @@ def _rms_norm_backward_op(
     rows_per_program = triton.cdiv(n_blocks, n_prog) * bm
     n_prog = triton.cdiv(m, rows_per_program)
     partial = torch.empty((n_prog, d), dtype=torch.float32, device=x.device)
-    wrap_triton(_rms_norm_bwd_kernel)[(n_prog,)](
+    traceable(_rms_norm_bwd_kernel)[(n_prog,)](
         x_rows,
         weight,
         dy_rows,

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from penguin_kernels._checks import traceable
 from penguin_kernels.rope import _NUM_WARPS, _qk_norm_rope_2d_op, _sincos, select_config
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ def _qk_norm_rope_2d_backward_op(
     block_n = select_config(hd).block_n
     n_blocks = triton.cdiv(n, block_n)
     partial = torch.empty((n_blocks, 2, hd), dtype=torch.float32, device=q.device)
-    wrap_triton(_qk_norm_rope_2d_bwd_kernel)[(n_blocks,)](
+    traceable(_qk_norm_rope_2d_bwd_kernel)[(n_blocks,)](
         q,
         k,
         dq_out,
