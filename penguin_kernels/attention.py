@@ -87,7 +87,8 @@ def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
-@triton.jit
+# The counts only bound loops and masks: one binary for every batch, not one per n % 16.
+@triton.jit(do_not_specialize=["S", "n_plan"])
 def _plan_kernel(
     cu_seqlens,
     plan,
