@@ -113,9 +113,9 @@ class L2Flusher:
 
 
 def rounds_for(seconds_per_call: float, rounds: int | None) -> int:
-    """``rounds`` if given, else as many calls as fit in about 0.5 s, clamped to 5 .. 200; 2 in the dry run."""
+    """``rounds`` if given, else as many calls as fit in about 0.5 s, clamped to 5 .. 200; 1 in the dry run."""
     if dry_run.ACTIVE:
-        return 2
+        return 1
     if rounds is not None:
         return rounds
     return int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _BUDGET_S / max(seconds_per_call, 1e-7))))
@@ -149,17 +149,23 @@ def cuda_times(
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    warm = [one(inputs[i % len(inputs)]) for i in range(max(warmup, 1))]
+    warm = [one(inputs[i % len(inputs)]) for i in range(dry_run.pick(max(warmup, 1), 1))]
     n = rounds_for(min(warm), rounds)
     return [one(inputs[i % len(inputs)]) for i in range(n)]
 
 
-def measure_ceilings(*, matmul_n: int = 8192, copy_bytes: int = 1 << 30, rounds: int = 20) -> Ceilings:
+def measure_ceilings(
+    *,
+    matmul_n: int = dry_run.pick(8192, 64),
+    copy_bytes: int = dry_run.pick(1 << 30, 1 << 16),
+    rounds: int = dry_run.pick(20, 1),
+) -> Ceilings:
     """Measure dense bf16 matmul TFLOP/s and device-to-device copy GB/s on the current GPU.
 
     Matmul: ``2 n^3`` FLOPs of ``torch.matmul`` on ``[n, n]`` bf16 operands (cuBLAS's best, which is
     what a Triton GEMM should be compared to). Copy: ``dst.copy_(src)`` of ``copy_bytes``, counting
-    the read and the write (``2 * copy_bytes``). Medians of ``rounds`` timed calls.
+    the read and the write (``2 * copy_bytes``). Medians of ``rounds`` timed calls. The dry run's
+    defaults are tiny (:mod:`bench.dry_run`).
     """
     if not (torch.cuda.is_available() or dry_run.ACTIVE):
         raise RuntimeError("measure_ceilings needs a CUDA device")
