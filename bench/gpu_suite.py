@@ -127,7 +127,7 @@ def _run(step: Step, commands: list[list[str]], env: dict[str, str], logs: Path,
 
 def _junit_summary(paths: Sequence[Path]) -> dict[str, Any]:
     counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
-    failures, skips, names = [], {}, []
+    failures, skips = [], {}
     for path in paths:
         try:
             root = ET.parse(path).getroot()
@@ -137,7 +137,6 @@ def _junit_summary(paths: Sequence[Path]) -> dict[str, Any]:
             for k in counts:
                 counts[k] += int(suite.get(k, 0))
         for case in root.iter("testcase"):
-            names.append(f"{case.get('classname')}::{case.get('name')}")
             for tag in ("failure", "error", "skipped"):
                 el = case.find(tag)
                 if el is None:
@@ -147,9 +146,10 @@ def _junit_summary(paths: Sequence[Path]) -> dict[str, Any]:
                 if tag == "skipped":
                     skips[message] = skips.get(message, 0) + 1
                 else:
-                    failures.append({"test": names[-1], "kind": tag, "message": message})
+                    test = f"{case.get('classname')}::{case.get('name')}"
+                    failures.append({"test": test, "kind": tag, "message": message})
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {**counts, "failed_tests": failures, "skip_reasons": skips, "ran": names}
+    return {**counts, "failed_tests": failures, "skip_reasons": skips}
 
 
 def _bench_rows(path: Path, failed: set[str]) -> list[dict[str, Any]]:
@@ -315,42 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             step_env["PENGUIN_CEILINGS"] = str(ceilings_path)
         cache_before = _cache_entries(env)
         if name == "ceilings":
-            _run(step, [[sys.executable, "-c", _CEILINGS, str(ceilings_path)]], {**step_env, **fake}, logs, share)
-            for line in reversed(step.output_tail.splitlines()):
-                if line.startswith("{"):
-                    step.details = json.loads(line)
-                    result["ceilings"] = step.details["ceilings"]
-                    result["environment"] = step.details["environment"]
-                    break
+            _ceilings(step, {**step_env, **fake}, logs, share, ceilings_path, result)
         elif name in ("kernels", "encoder"):
             files = _bench_files(encoder=name == "encoder")
-            junit, data = out / f"junit-{name}.xml", out / f"benchmarks-{name}.json"
-            cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "--benchmark-only", "-q", "-rfEs", *_PLUGIN]
-            cmd += [f"--benchmark-json={data}", f"--junitxml={junit}", *keyword]
-            _run(step, [cmd], {**step_env, **fake}, logs, share)
-            step.details = {k: v for k, v in _junit_summary([junit]).items() if k != "ran"}
-            rows = _bench_rows(data, {_test_id(f["test"]) for f in step.details["failed_tests"]})
-            result["benchmarks"] += rows
-            step.details["rows"] = len(rows)
-            if step.status == "ok" and step.details["failures"] + step.details["errors"]:
-                step.status = "failed"
+            result["benchmarks"] += _benchmarks(step, files, {**step_env, **fake}, logs, share, out, keyword)
+        elif goldens is None and not args.dry_run:
+            step.status = "failed"
+            step.output_tail = (
+                "goldens not found: copy ../shared/golden to ./.golden and carry it, pass --golden DIR "
+                "or set PENGUIN_GOLDEN_DIR; without them golden parity would be skipped"
+            )
         else:
-            if goldens is None and not args.dry_run:
-                step.status = "failed"
-                step.output_tail = (
-                    "goldens not found: copy ../shared/golden to ./.golden and carry it, pass --golden DIR "
-                    "or set PENGUIN_GOLDEN_DIR; without them golden parity would be skipped"
-                )
-            else:
-                junits = [out / f"junit-tests-{i}.xml" for i in range(shards)]
-                commands = [
-                    [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfEs", *_PLUGIN, *keyword]
-                    + [f"--shard={i}/{shards}", f"--junitxml={junits[i]}"]
-                    for i in range(shards)
-                ]
-                _run(step, commands, step_env, logs, share)
-                step.details = {k: v for k, v in _junit_summary(junits).items() if k != "ran"}
-                result["tests"] = step.details
+            result["tests"] = _tests(step, shards, step_env, logs, share, out, keyword)
         cache_after = _cache_entries(env)
         if cache_before is not None and cache_after is not None:
             step.triton_cache_new_entries = cache_after - cache_before
@@ -366,6 +342,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"---- {s['name']}: {s['status']} ----\n{s['output_tail']}", file=sys.stderr)
     print(f"wrote {out / 'gpu_suite.json'}, {out / 'gpu_suite.md'} and {logs}/")
     return 0 if all(s["status"] == "ok" for s in result["steps"]) else 1
+
+
+def _ceilings(step: Step, env: dict[str, str], logs: Path, budget: float, path: Path, result: dict) -> None:
+    _run(step, [[sys.executable, "-c", _CEILINGS, str(path)]], env, logs, budget)
+    for line in reversed(step.output_tail.splitlines()):
+        if line.startswith("{"):
+            step.details = json.loads(line)
+            result["ceilings"] = step.details["ceilings"]
+            result["environment"] = step.details["environment"]
+            break
+
+
+def _benchmarks(
+    step: Step, files: list[str], env: dict[str, str], logs: Path, budget: float, out: Path, keyword: list[str]
+) -> list[dict[str, Any]]:
+    junit, data = out / f"junit-{step.name}.xml", out / f"benchmarks-{step.name}.json"
+    cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "--benchmark-only", "-q", "-rfEs", *_PLUGIN]
+    cmd += [f"--benchmark-json={data}", f"--junitxml={junit}", *keyword]
+    _run(step, [cmd], env, logs, budget)
+    step.details = _junit_summary([junit])
+    rows = _bench_rows(data, {_test_id(f["test"]) for f in step.details["failed_tests"]})
+    step.details["rows"] = len(rows)
+    if step.status == "ok" and step.details["failures"] + step.details["errors"]:
+        step.status = "failed"
+    return rows
+
+
+def _tests(
+    step: Step, shards: int, env: dict[str, str], logs: Path, budget: float, out: Path, keyword: list[str]
+) -> dict[str, Any]:
+    junits = [out / f"junit-tests-{i}.xml" for i in range(shards)]
+    commands = [
+        [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfEs", *_PLUGIN, *keyword]
+        + [f"--shard={i}/{shards}", f"--junitxml={junits[i]}"]
+        for i in range(shards)
+    ]
+    _run(step, commands, env, logs, budget)
+    step.details = _junit_summary(junits)
+    return step.details
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:

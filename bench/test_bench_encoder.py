@@ -20,7 +20,7 @@ DTYPE = pick(torch.bfloat16, torch.float16)
 RELEASED = pick(
     PenguinEncoderConfig(),
     PenguinEncoderConfig(
-        hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+        hidden_size=128, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
     ),
 )
 
