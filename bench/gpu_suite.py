@@ -10,8 +10,9 @@ leaves unused passes to the next, and a step that runs out is stopped and marked
 1. ``ceilings``: the roofline (bf16 matmul TFLOP/s, copy GB/s), measured once and reused by the
    benchmarks through ``PENGUIN_CEILINGS``;
 2. ``kernels``: every GPU benchmark (those taking the ``ceilings`` fixture) in ``bench/test_bench_*.py``
-   except the encoder's, so new benchmark files join without edits;
-3. ``encoder``: ``bench/test_bench_encoder.py`` (one ``torch.compile`` baseline for all workloads);
+   but the encoder's, so new benchmark files join without edits;
+3. ``encoder``: the GPU benchmarks of ``bench/test_bench_*encoder*.py`` (whole-encoder forwards, one
+   ``torch.compile`` baseline for all workloads; training steps);
 4. ``tests``: the tests marked ``gpu`` under ``tests/``, split across ``--shards`` processes. They
    need the goldens: ``--golden DIR``, ``$PENGUIN_GOLDEN_DIR``, ``./.golden`` or ``../shared/golden``;
    the step fails at once when none holds them (the dry run goes on: it checks code paths, not parity).
@@ -267,7 +268,7 @@ def _env(args: argparse.Namespace, goldens: Path | None) -> dict[str, str]:
 
 def _bench_files(encoder: bool) -> list[str]:
     files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("test_bench_*.py"))
-    return [f for f in files if (f == "bench/test_bench_encoder.py") == encoder]
+    return [f for f in files if ("encoder" in Path(f).stem) == encoder]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
