@@ -365,11 +365,15 @@ def _benchmarks(
     step: Step, files: list[str], env: dict[str, str], logs: Path, budget: float, out: Path, keyword: list[str]
 ) -> list[dict[str, Any]]:
     junit, data = out / f"junit-{step.name}.xml", out / f"benchmarks-{step.name}.json"
+    cut_log = out / f"cut-{step.name}.txt"
+    cut_log.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "--benchmark-only", "-q", "-rfEs", *_PYTEST]
     cmd += [f"--benchmark-json={data}", f"--junitxml={junit}", *keyword]
-    _run(step, [cmd], env, logs, budget)
+    _run(step, [cmd], {**env, "PENGUIN_CUT_LOG": str(cut_log)}, logs, budget)
     step.details = _junit_summary([junit])
     rows = _bench_rows(data, {_test_id(f["test"]) for f in step.details["failed_tests"]})
+    if cut_log.exists():
+        rows += [{"name": name, "state": "cut", "cut": True} for name in cut_log.read_text().split()]
     step.details["rows"] = len(rows)
     if step.status == "ok" and step.details["failures"] + step.details["errors"]:
         step.status = "failed"

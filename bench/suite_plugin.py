@@ -4,6 +4,9 @@
   conftest runs;
 * ``PENGUIN_JIT_LOG=<file>``: every Triton launch's specialisation key is appended to the file when
   the session ends (:mod:`bench.specialisations`);
+* ``PENGUIN_CUT_LOG=<file>``: a benchmark stopped before its first timed round (the step ran out of
+  time) is taken out of pytest-benchmark's report, whose statistics of it would fail and lose every
+  other row, and its name is written to the file;
 * ``--shard I/N``: keep the I-th of N parts of the selected tests, whole files where they fit, so
   N processes run the GPU tests side by side with the module fixtures built once per part.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -61,6 +65,19 @@ def shards(files: dict[str, int], n: int) -> list[list[tuple[str, int, int]]]:
         parts[i].append(piece)
         loads[i] += piece[2] - piece[1]
     return parts
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    # Ahead of pytest-benchmark's own wrapper, which computes and saves the statistics.
+    bench = getattr(session.config, "_benchmarksession", None)
+    path = os.environ.get("PENGUIN_CUT_LOG")
+    if bench is not None and path:
+        cut = [b for b in bench.benchmarks if not b.stats.data]
+        bench.benchmarks[:] = [b for b in bench.benchmarks if b.stats.data]
+        with open(path, "a") as f:
+            f.writelines(f"{b.fullname}\n" for b in cut)
+    yield
 
 
 @pytest.hookimpl(trylast=True)
