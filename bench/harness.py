@@ -67,6 +67,7 @@ from typing import Any
 import pytest
 import torch
 
+from bench import dry_run
 from bench.timing import (
     Ceilings,
     L2Flusher,
@@ -91,7 +92,7 @@ __all__ = [
     "requires_cuda",
 ]
 
-HAS_CUDA = torch.cuda.is_available()
+HAS_CUDA = torch.cuda.is_available() or dry_run.ACTIVE
 
 requires_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="GPU benchmark: needs a CUDA device (Triton kernels are timed on the GPU only)"
@@ -196,7 +197,7 @@ def _bench(
     if getattr(benchmark, "disabled", False):
         benchmark.pedantic(fn, args=inputs[0], rounds=1)
         return None
-    flush = L2Flusher(torch.device("cuda")) if on_gpu and flush_l2 else None
+    flush = L2Flusher(torch.device(dry_run.DEVICE)) if on_gpu and flush_l2 else None
     start = torch.cuda.Event(enable_timing=True) if on_gpu else None
     end = torch.cuda.Event(enable_timing=True) if on_gpu else None
     times: list[float] = []
@@ -223,7 +224,7 @@ def _bench(
         return result
 
     # The warm-up calls compile and autotune; their time only sizes the number of rounds.
-    for _ in range(max(warmup, 1)):
+    for _ in range(dry_run.pick(max(warmup, 1), 1)):
         timed(*setup()[0])
     n = rounds_for(min(times), rounds)
     times.clear()
@@ -242,7 +243,7 @@ def _bench(
     extra = {
         **summary,
         "rounds": len(times),
-        "timer": "cuda_events" if on_gpu else "perf_counter",
+        "timer": ("cuda_events_faked" if dry_run.ACTIVE else "cuda_events") if on_gpu else "perf_counter",
         "l2_flushed": flush is not None,
         "input_sets": len(inputs),
         **(info or {}),

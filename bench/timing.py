@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from bench import dry_run
+
 __all__ = [
     "Ceilings",
     "L2Flusher",
@@ -71,7 +73,7 @@ def _environment() -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or dry_run.ACTIVE:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env["device"] = props.name
         env["capability"] = f"{props.major}.{props.minor}"
@@ -103,14 +105,17 @@ class L2Flusher:
 
     def __init__(self, device: torch.device) -> None:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-        self.buffer = torch.empty(max(4 * l2, 256 << 20), dtype=torch.int8, device=device)
+        size = dry_run.pick(max(4 * l2, 256 << 20), 1 << 20)
+        self.buffer = torch.empty(size, dtype=torch.int8, device=device)
 
     def __call__(self) -> None:
         self.buffer.zero_()
 
 
 def rounds_for(seconds_per_call: float, rounds: int | None) -> int:
-    """``rounds`` if given, else as many calls as fit in about 0.5 s, clamped to 5 .. 200."""
+    """``rounds`` if given, else as many calls as fit in about 0.5 s, clamped to 5 .. 200; 1 in the dry run."""
+    if dry_run.ACTIVE:
+        return 1
     if rounds is not None:
         return rounds
     return int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _BUDGET_S / max(seconds_per_call, 1e-7))))
@@ -131,7 +136,7 @@ def cuda_times(
     """
     if not inputs:
         raise ValueError("cuda_times: inputs must hold at least one argument tuple")
-    flush = L2Flusher(torch.device("cuda")) if flush_l2 else None
+    flush = L2Flusher(torch.device(dry_run.DEVICE)) if flush_l2 else None
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
 
@@ -144,29 +149,36 @@ def cuda_times(
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    warm = [one(inputs[i % len(inputs)]) for i in range(max(warmup, 1))]
+    warm = [one(inputs[i % len(inputs)]) for i in range(dry_run.pick(max(warmup, 1), 1))]
     n = rounds_for(min(warm), rounds)
     return [one(inputs[i % len(inputs)]) for i in range(n)]
 
 
-def measure_ceilings(*, matmul_n: int = 8192, copy_bytes: int = 1 << 30, rounds: int = 20) -> Ceilings:
+def measure_ceilings(
+    *,
+    matmul_n: int = dry_run.pick(8192, 64),
+    copy_bytes: int = dry_run.pick(1 << 30, 1 << 16),
+    rounds: int = dry_run.pick(20, 1),
+) -> Ceilings:
     """Measure dense bf16 matmul TFLOP/s and device-to-device copy GB/s on the current GPU.
 
     Matmul: ``2 n^3`` FLOPs of ``torch.matmul`` on ``[n, n]`` bf16 operands (cuBLAS's best, which is
     what a Triton GEMM should be compared to). Copy: ``dst.copy_(src)`` of ``copy_bytes``, counting
-    the read and the write (``2 * copy_bytes``). Medians of ``rounds`` timed calls.
+    the read and the write (``2 * copy_bytes``). Medians of ``rounds`` timed calls. The dry run's
+    defaults are tiny (:mod:`bench.dry_run`).
     """
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or dry_run.ACTIVE):
         raise RuntimeError("measure_ceilings needs a CUDA device")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    dev = dry_run.DEVICE
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(matmul_n, matmul_n, device=dev, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(matmul_n, matmul_n, device=dev, dtype=torch.bfloat16, generator=gen)
     c = torch.empty_like(a)
     mm = statistics.median(
         cuda_times(lambda x, y, z: torch.matmul(x, y, out=z), [(a, b, c)], rounds=rounds, warmup=5, flush_l2=False)
     )
     del a, b, c
-    src = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda").random_(generator=gen)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=dev).random_(generator=gen)
     dst = torch.empty_like(src)
     cp = statistics.median(cuda_times(lambda s, d: d.copy_(s), [(src, dst)], rounds=rounds, warmup=5, flush_l2=False))
     del src, dst

@@ -101,7 +101,8 @@ def _epilogue(
     tl.store(y_ptr + o_ym[:, None] * stride_ym + o_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
-@triton.jit
+# M only masks rows (loads and stores are contiguous along K and N): one binary for every token count.
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(
     x_ptr,
     w_ptr,

@@ -57,7 +57,8 @@ __all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "comp
 MAX_WIDTH = 32768
 
 
-@triton.jit
+# M only masks rows (each row is contiguous along D): one binary for every token count.
+@triton.jit(do_not_specialize=["M"])
 def _rms_norm_kernel(
     x_ptr,
     r_ptr,

@@ -120,7 +120,9 @@ def _sincos(x):
     return sin_x, cos_x
 
 
-@triton.jit
+# Token and head counts only bound the grid, loops and masks (rows are contiguous along the head
+# dim): one binary for every batch and head layout of a head_dim, not one per count % 16.
+@triton.jit(do_not_specialize=["n_tokens", "n_q_heads", "n_kv_heads", "heads_per_program"])
 def _qk_norm_rope_2d_kernel(
     q,
     k,

@@ -12,6 +12,7 @@ from penguin_kernels import reference as ref
 from penguin_kernels.attention import varlen_attention, varlen_attention_op
 from tests.utils import HAS_CUDA, INTERPRETER, assert_rel_close, device, kernel_dtypes, poison, requires_cuda
 
+pytestmark = pytest.mark.gpu
 requires_kernels = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRETER), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
 )

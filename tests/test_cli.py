@@ -36,6 +36,18 @@ def _png(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> Pat
     return path
 
 
+@pytest.fixture(autouse=True)
+def _cpu_only(monkeypatch):
+    """The command as it runs without a GPU, wherever the tests run.
+
+    Outputs are compared with float32 references computed on the CPU, and the tiny checkpoint's
+    head_dim 16 is not one the Triton kernels take; ``--device auto`` would pick CUDA and Triton on
+    a GPU machine. The subprocesses see no GPU either.
+    """
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"

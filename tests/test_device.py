@@ -16,6 +16,7 @@ from tests.utils import INTERPRETER as INTERPRETING
 # float32 runs IEEE products: only the summation order differs from the reference.
 TOL = 1e-5
 
+pytestmark = pytest.mark.gpu
 requires_kernels = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRETING), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
 )

@@ -29,7 +29,7 @@ EPILOGUES = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_outputs")]
 
 
 def _inputs(m: int, k: int, n: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -88,6 +88,7 @@ def test_gpu_bench_skips_without_cuda():
         gpu_bench(FakeBenchmark(), lambda: None, [()], ceilings=CEIL)
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_gpu_timing_and_ceilings_on_device():
     a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)

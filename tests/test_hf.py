@@ -285,6 +285,7 @@ def test_training_step_of_a_vlm_matches_the_unaccelerated_one():
 KERNEL_SIZED = {**SMALL, "head_dim": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETER), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_triton_drop_in_matches_the_torch_backend():
     ours = PenguinEncoder.from_config(PenguinEncoderConfig.from_dict(KERNEL_SIZED), backend="torch", seed=6)

@@ -21,7 +21,7 @@ SWIGLU_SHAPES = {"m1": (1, 16, 24), "odd": (75, 48, 80), "encoder": (3, 1024, 30
 PROJECTOR_SHAPES = {"m1": (1, 16, 24), "odd": (75, 48, 80), "penguin-2b": (2, 1024, 2048)}
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_outputs")]
 
 
 def _swiglu_inputs(m: int, d: int, inter: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -26,7 +26,7 @@ SHAPES = {"1x1": (1, 1), "1x1024": (1, 1024), "7x1024": (7, 1024), "33x100": (33
 EPS = 1e-6
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_outputs")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poisoned_outputs")]
 
 
 def _inputs(rows: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:

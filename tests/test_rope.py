@@ -40,6 +40,7 @@ from tests.utils import (
     requires_cuda,
 )
 
+pytestmark = pytest.mark.gpu
 requires_kernels = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRETER), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
 )
@@ -283,8 +284,11 @@ def test_gpu_op_under_torch_compile():
 
     _, _, wq, wk, pos, qkv = _inputs(301, heads, kv_heads, hd, torch.bfloat16, dev="cuda")
     compiled = torch.compile(attention_inputs, fullgraph=True)
-    for got, want in zip(compiled(qkv, wq, wk, pos), attention_inputs(qkv, wq, wk, pos), strict=True):
-        assert torch.equal(got, want)
+    # Under compile, Inductor computes inv_freq with its own pow and division, which may land 1 ulp
+    # (6e-8 relative) from eager's; the angles then move by up to ~1e-5 rad, enough to flip a bf16
+    # rounding here and there. So the outputs agree within bf16's tolerance, not bit for bit.
+    for got, want, what in zip(compiled(qkv, wq, wk, pos), attention_inputs(qkv, wq, wk, pos), "qk", strict=True):
+        _check(got, want, torch.bfloat16, f"{what} under torch.compile vs eager")
 
 
 def _random_batch(rng: random.Random, items: int) -> tuple[torch.Tensor, torch.Tensor]:

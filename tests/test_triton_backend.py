@@ -12,6 +12,7 @@ from penguin_vl.model import check_grid, merge_tokens, packing
 from tests.test_model import GOLDEN, GOLDEN_TOL, requires_golden
 from tests.utils import HAS_CUDA, INTERPRETER, assert_rel_close, device, requires_cuda
 
+pytestmark = pytest.mark.gpu
 requires_kernels = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRETER), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
 )
