@@ -1,0 +1,107 @@
+"""Key and intermediate frames (TRA) as the reference types them, each frame processed once.
+
+The reference (``extract_ki_frames``, SPEC section 8.4) resizes the kept frames with torch's
+antialiased bilinear interpolation to a multiple of 14 pixels, truncates them to uint8, converts
+them to HSV as OpenCV does for uint8 RGB, and cuts them into 14 x 14 patches of 588 values. Walking
+forward from frame 0 (a key frame), a frame whose share of similar patches with the last key frame
+is below 0.95 is the next key frame; a patch pair is similar when its cosine exceeds 0.7, and pairs
+where both patches are near black are left out.
+
+The reference converts and cuts the last key frame again at every comparison and holds every
+frame resized at once. Here each frame is resized, converted and cut once, as it arrives, and only
+the last key frame's normalised patches are kept: bounded memory, and the frames stream from the
+decoder. The float32 steps of the comparison (norm, the two divisions, the sum over the patch, the
+mean) are the reference's torch calls on tensors of the reference's shapes, so the float results,
+and with them the decisions, are the reference's. OpenCV's fixed-point RGB to HSV is reproduced in
+numpy (exact for all 2^24 colours; the tests check every one against OpenCV).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KeyFrameTyper", "key_frame_size", "rgb_to_hsv"]
+
+PATCH = 14
+MIN_PIXELS = 10 * PATCH * PATCH
+MAX_PIXELS = 10240 * PATCH * PATCH
+MAX_ASPECT = 200
+PATCH_SIMILAR = 0.7  # cosine above which two patches count as similar
+FRAME_SIMILAR = 0.95  # share of similar patches below which a frame starts a new key frame
+_EPS = 1e-8
+_NEAR_BLACK = 0.01
+
+_HSV_SHIFT = 12
+_HALF = 1 << (_HSV_SHIFT - 1)
+# OpenCV's tables: saturate_cast<int> rounds to nearest; no entry is a tie
+_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int32)
+_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int32)
+
+
+def key_frame_size(height: int, width: int) -> tuple[int, int]:
+    """The reference's ``smart_resize(height, width, 14, 10 * 14**2, 10240 * 14**2)`` for key-frame typing."""
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(
+            f"a {width}x{height} frame has an aspect ratio over {MAX_ASPECT}, which the reference refuses"
+        )
+    h = max(PATCH, round(height / PATCH) * PATCH)
+    w = max(PATCH, round(width / PATCH) * PATCH)
+    if h * w > MAX_PIXELS:
+        scale = math.sqrt(height * width / MAX_PIXELS)
+        h = math.floor(height / scale / PATCH) * PATCH
+        w = math.floor(width / scale / PATCH) * PATCH
+    elif h * w < MIN_PIXELS:
+        scale = math.sqrt(MIN_PIXELS / (height * width))
+        h = math.ceil(height * scale / PATCH) * PATCH
+        w = math.ceil(width * scale / PATCH) * PATCH
+    return max(h, PATCH), max(w, PATCH)
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """OpenCV's ``cvtColor(rgb, COLOR_RGB2HSV)`` for uint8 ``[..., 3]``: H in 0..179, S and V in 0..255."""
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    s = (diff * _SDIV[v] + _HALF) >> _HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV[diff] + _HALF) >> _HSV_SHIFT
+    h += np.where(h < 0, 180, 0)
+    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+
+
+class KeyFrameTyper:
+    """Types frames of one size as they arrive: :meth:`add` returns 0 (key) or 1 (intermediate)."""
+
+    def __init__(self, height: int, width: int):
+        self.size = key_frame_size(height, width)
+        self._key_unit: torch.Tensor | None = None  # last key frame's patches over their norms
+        self._key_dark: torch.Tensor | None = None  # its near-black patches
+
+    def add(self, frame: np.ndarray) -> int:
+        """Type the next frame (uint8 ``[H, W, 3]``)."""
+        patches = self._patches(frame)
+        norm = torch.norm(patches, p=2, dim=-1, keepdim=True) + _EPS
+        dark = norm.squeeze(-1) < _NEAR_BLACK
+        if self._key_unit is not None:
+            cos = (self._key_unit * patches / norm).sum(dim=-1)
+            kept = ~(self._key_dark & dark)
+            similar = (cos[kept] > PATCH_SIMILAR).float().mean().item()
+            if not similar < FRAME_SIMILAR:
+                return 1
+        self._key_unit = patches / norm
+        self._key_dark = dark
+        return 0
+
+    def _patches(self, frame: np.ndarray) -> torch.Tensor:
+        # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
+        chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
+        resized = F.interpolate(chw, self.size, mode="bilinear", antialias=True)
+        hsv = rgb_to_hsv(resized[0].permute(1, 2, 0).numpy().astype(np.uint8))
+        h, w = self.size
+        gh, gw = h // PATCH, w // PATCH
+        cut = hsv.reshape(gh, PATCH, gw, PATCH, 3).transpose(0, 2, 4, 1, 3)
+        return torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32).reshape(gh, gw, 3 * PATCH * PATCH))
