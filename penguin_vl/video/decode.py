@@ -73,8 +73,10 @@ def open_source(path: str) -> Source:
             # the command line's choice: the largest picture, the default stream first among equals
             stream = max(
                 videos,
-                key=lambda s: (s.codec_context.width * s.codec_context.height)
-                + 5_000_000 * bool(s.disposition & av.stream.Disposition.default),
+                key=lambda s: (
+                    (s.codec_context.width * s.codec_context.height)
+                    + 5_000_000 * bool(s.disposition & av.stream.Disposition.default)
+                ),
             )
             first = container.streams.video[0]
             start = 0.0

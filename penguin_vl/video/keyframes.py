@@ -45,9 +45,7 @@ _HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 2
 def key_frame_size(height: int, width: int) -> tuple[int, int]:
     """The reference's ``smart_resize(height, width, 14, 10 * 14**2, 10240 * 14**2)`` for key-frame typing."""
     if max(height, width) / min(height, width) > MAX_ASPECT:
-        raise ValueError(
-            f"a {width}x{height} frame has an aspect ratio over {MAX_ASPECT}, which the reference refuses"
-        )
+        raise ValueError(f"a {width}x{height} frame has an aspect ratio over {MAX_ASPECT}, which the reference refuses")
     h = max(PATCH, round(height / PATCH) * PATCH)
     w = max(PATCH, round(width / PATCH) * PATCH)
     if h * w > MAX_PIXELS:
