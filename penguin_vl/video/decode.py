@@ -26,7 +26,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from penguin_vl.video.timing import Frame
+from penguin_vl.video.timing import Timeline
 
 __all__ = ["Mismatch", "Source", "VideoError", "decode_picked", "frame_timeline", "open_source", "packet_timeline"]
 
@@ -103,20 +103,28 @@ def _stream(container: av.container.InputContainer, source: Source) -> av.video.
     return stream
 
 
-def packet_timeline(source: Source) -> list[Frame] | None:
+def _timeline(pairs: list[tuple[int | None, int | None]]) -> Timeline | None:
+    if not pairs or any(pts is None for pts, _ in pairs):
+        return None
+    table = np.array([(pts, duration or 0) for pts, duration in pairs], dtype=np.int64).reshape(-1, 2)
+    return Timeline(table[:, 0].copy(), table[:, 1].copy())
+
+
+def packet_timeline(source: Source) -> Timeline | None:
     """Presentation-order frames from the demuxed packets, or None when the packets cannot say."""
     try:
         with av.open(source.path) as container:
             stream = container.streams[source.stream_index]
-            frames = [Frame(p.pts, p.duration or 0) for p in container.demux(stream) if p.size]
+            timeline = _timeline([(p.pts, p.duration) for p in container.demux(stream) if p.size])
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot read ({e})") from e
-    if not frames or any(f.pts is None for f in frames):
+    if timeline is None:
         return None
-    frames.sort(key=lambda f: f.pts)
-    if any(a.pts == b.pts for a, b in zip(frames, frames[1:], strict=False)):
+    order = np.argsort(timeline.pts, kind="stable")
+    pts = timeline.pts[order]
+    if np.any(pts[1:] == pts[:-1]):
         return None
-    return frames
+    return Timeline(pts, timeline.duration[order])
 
 
 def _decoded(container: av.container.InputContainer, stream, skip: Callable[[av.Packet], bool] | None) -> Iterator:
@@ -130,17 +138,20 @@ def _decoded(container: av.container.InputContainer, stream, skip: Callable[[av.
             continue  # as the command line does: a broken packet costs its frame, not the stream
 
 
-def frame_timeline(source: Source) -> list[Frame]:
-    """Presentation-order frames as the decoder produces them (a full decode, no pixels kept)."""
+def frame_timeline(source: Source) -> Timeline:
+    """Frames as the decoder produces them (a full decode, no pixels kept)."""
     try:
         with av.open(source.path) as container:
             stream = _stream(container, source)
-            frames = [Frame(f.pts, f.duration or 0) for f in _decoded(container, stream, None)]
+            pairs = [(f.pts, f.duration) for f in _decoded(container, stream, None)]
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot decode ({e})") from e
-    if any(f.pts is None for f in frames):
+    if not pairs:
+        raise VideoError(f"{source.path}: no frame could be decoded")
+    timeline = _timeline(pairs)
+    if timeline is None:
         raise VideoError(f"{source.path}: the decoder gives frames without timestamps")
-    return frames
+    return timeline
 
 
 def _rotation(frame: av.VideoFrame) -> float:
@@ -176,7 +187,7 @@ class _ToRGB:
 
 def decode_picked(
     source: Source,
-    timeline: list[Frame],
+    timeline: Timeline,
     picked: np.ndarray,
     deliver: Callable[[int, np.ndarray], None],
     *,
@@ -191,13 +202,13 @@ def decode_picked(
     """
     needed = {int(i) for i in picked}
     last = len(timeline) - 1
-    where = {f.pts: i for i, f in enumerate(timeline)}
+    where = {} if by_order else {pts: i for i, pts in enumerate(timeline.pts.tolist())}
     # the last frame's end sets the slot count: the frame must exist
     check = set(needed) if by_order else needed | {last}
-    wanted = {timeline[i].pts for i in needed}
+    wanted = {int(timeline.pts[i]) for i in check}
     skip = None
     if not by_order and source.codec in _SKIP_NONREF:
-        skip = lambda packet: packet.pts not in wanted and packet.pts != timeline[last].pts
+        skip = lambda packet: packet.pts not in wanted
     to_rgb = None
     previous = -1
     try:

@@ -37,9 +37,22 @@ _NEAR_BLACK = 0.01
 
 _HSV_SHIFT = 12
 _HALF = 1 << (_HSV_SHIFT - 1)
-# OpenCV's tables: saturate_cast<int> rounds to nearest; no entry is a tie
-_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int32)
-_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int32)
+
+
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
+    # OpenCV's fixed-point tables (saturate_cast rounds to nearest; no entry is a tie), folded into
+    # lookups: S by (V, max - min), H by (hue numerator + 255, max - min), wrapped to 0..179
+    i = np.arange(1, 256)
+    sdiv = np.concatenate([[0], np.round((255 << _HSV_SHIFT) / i)]).astype(np.int64)
+    hdiv = np.concatenate([[0], np.round((180 << _HSV_SHIFT) / (6 * i))]).astype(np.int64)
+    diff = np.arange(256)
+    s = (diff[None, :] * sdiv[:, None] + _HALF) >> _HSV_SHIFT
+    h = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + _HALF) >> _HSV_SHIFT
+    h = np.where(h < 0, h + 180, h)
+    return s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
+
+
+_S_TABLE, _H_TABLE = _hsv_tables()
 
 
 def key_frame_size(height: int, width: int) -> tuple[int, int]:
@@ -61,14 +74,18 @@ def key_frame_size(height: int, width: int) -> tuple[int, int]:
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     """OpenCV's ``cvtColor(rgb, COLOR_RGB2HSV)`` for uint8 ``[..., 3]``: H in 0..179, S and V in 0..255."""
-    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    return np.stack(_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]), axis=-1)
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     v = np.maximum(np.maximum(r, g), b)
-    diff = v - np.minimum(np.minimum(r, g), b)
-    s = (diff * _SDIV[v] + _HALF) >> _HSV_SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV[diff] + _HALF) >> _HSV_SHIFT
-    h += np.where(h < 0, 180, 0)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+    diff = (v - np.minimum(np.minimum(r, g), b)).astype(np.int32)
+    s = _S_TABLE.take((v.astype(np.int32) << 8) | diff)
+    r, g, b = r.astype(np.int32), g.astype(np.int32), b.astype(np.int32)
+    # OpenCV's hue numerator by the channel holding the maximum (red wins ties, then green)
+    numerator = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = _H_TABLE.take(((numerator + 255) << 8) | diff)
+    return h, s, v
 
 
 class KeyFrameTyper:
@@ -97,9 +114,9 @@ class KeyFrameTyper:
     def _patches(self, frame: np.ndarray) -> torch.Tensor:
         # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
         chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
-        resized = F.interpolate(chw, self.size, mode="bilinear", antialias=True)
-        hsv = rgb_to_hsv(resized[0].permute(1, 2, 0).numpy().astype(np.uint8))
+        planes = F.interpolate(chw, self.size, mode="bilinear", antialias=True)[0].numpy().astype(np.uint8)
+        hsv = np.stack(_hsv_planes(*planes))
         h, w = self.size
         gh, gw = h // PATCH, w // PATCH
-        cut = hsv.reshape(gh, PATCH, gw, PATCH, 3).transpose(0, 2, 4, 1, 3)
+        cut = hsv.reshape(3, gh, PATCH, gw, PATCH).transpose(1, 3, 0, 2, 4)
         return torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32).reshape(gh, gw, 3 * PATCH * PATCH))

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from penguin_vl.video.decode import Mismatch, Source, VideoError, decode_picked, frame_timeline, open_source
 from penguin_vl.video.decode import packet_timeline as _packet_timeline
 from penguin_vl.video.keyframes import KeyFrameTyper
-from penguin_vl.video.timing import Frame, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
+from penguin_vl.video.timing import Timeline, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
 
 __all__ = ["Video", "VideoError", "load_video"]
 
@@ -122,7 +122,7 @@ class _Collector:
         return Video(self.frames, np.asarray(timestamps, dtype=np.float64), self.types, self.where)
 
 
-def _decode_into(source: Source, timeline: list[Frame], picks: np.ndarray, by_order: bool) -> _Collector:
+def _decode_into(source: Source, timeline: Timeline, picks: np.ndarray, by_order: bool) -> _Collector:
     collector = _Collector(source.path, len(picks))
     cursor = 0
 
@@ -144,20 +144,17 @@ def _with_timeline(source: Source, plan):
             return plan(timeline, False)
         except Mismatch:
             pass
-    timeline = frame_timeline(source)
-    if not timeline:
-        raise VideoError(f"{source.path}: no frame could be decoded")
-    return plan(timeline, True)
+    return plan(frame_timeline(source), True)
 
 
 def _video_file(source: Source, fps: float, max_frames: int, start: float | None, end: float | None) -> Video:
     """The reference's ``ffmpeg`` path: optional ``-ss``/``-t``, ``fps`` filter, ``linspace`` cut."""
 
-    def plan(timeline: list[Frame], by_order: bool) -> Video:
+    def plan(timeline: Timeline, by_order: bool) -> Video:
         duration = source.probe_duration
         if duration is None:  # ffprobe prints N/A and the reference fails; the stream's own end is the answer
-            last = timeline[-1]
-            duration = float((last.pts + last.duration) * source.time_base) - source.probe_start
+            end_pts = int(timeline.pts[-1] + timeline.duration[-1])
+            duration = float(end_pts * source.time_base) - source.probe_start
         first = source.probe_start
         if start is not None:
             moved = max(first, start)
@@ -176,7 +173,7 @@ def _video_file(source: Source, fps: float, max_frames: int, start: float | None
         if len(slots) == 0:
             raise VideoError(f"{source.path}: no frames at fps={fps} in the asked window (start={start}, end={end})")
         keep = thin(len(slots), max_frames)
-        picks = np.asarray(kept, dtype=np.int64)[slots[keep]]
+        picks = kept[slots[keep]]
         step = 1 / fps
         stop = max(first + duration + step, first + (len(slots) + 1) * step)
         timestamps = np.arange(first, stop, step)[: len(slots)][keep]
@@ -191,7 +188,7 @@ def _short_window(source: Source, fps: float, max_frames: int, start: float, end
         raise VideoError(f"{source.path}: no average frame rate to index a window under one second by")
     rate = source.average_rate
 
-    def plan(timeline: list[Frame], by_order: bool) -> Video:
+    def plan(timeline: Timeline, by_order: bool) -> Video:
         picks = index_sample(len(timeline), rate, fps, max_frames, start, end)
         if len(picks) == 0:
             raise VideoError(f"{source.path}: no frames between start={start} and end={end}")

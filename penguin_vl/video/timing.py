@@ -19,7 +19,6 @@ reproduce, in integer arithmetic on the stream's time base:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -27,7 +26,7 @@ from fractions import Fraction
 import numpy as np
 
 __all__ = [
-    "TimeBase",
+    "Timeline",
     "cli_microseconds",
     "d2q",
     "fps_slots",
@@ -39,8 +38,6 @@ __all__ = [
 
 _INT_MAX = 2**31 - 1
 _MICROSECOND = Fraction(1, 1_000_000)
-
-TimeBase = Fraction
 
 
 def rescale(value: int, src: Fraction, dst: Fraction, *, down: bool = False) -> int:
@@ -96,16 +93,27 @@ def cli_microseconds(seconds: float) -> int:
 
 
 @dataclass(frozen=True)
-class Frame:
-    """One decoded frame in presentation order: timestamp and duration in the stream's time base."""
+class Timeline:
+    """A stream's frames in presentation order: timestamps and durations in its time base."""
 
-    pts: int
-    duration: int
+    pts: np.ndarray  # int64 [N]
+    duration: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+
+def _floor_rescale(values: np.ndarray, src: Fraction, dst: Fraction) -> np.ndarray:
+    factor = src / dst
+    num, den = factor.numerator, factor.denominator
+    if values.size and int(np.abs(values).max()) * num >= 2**62:  # beyond int64: exact Python integers
+        return np.array([v * num // den for v in values.tolist()], dtype=np.int64)
+    return values * num // den  # numpy's // on integers floors, as AV_ROUND_DOWN does
 
 
 def trim_window(
-    frames: Sequence[Frame], time_base: Fraction, offset_us: int, duration_us: int | None
-) -> tuple[list[int], list[int], int]:
+    timeline: Timeline, time_base: Fraction, offset_us: int, duration_us: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The command line's input offset and ``trim``: which frames reach the ``fps`` filter.
 
     ``offset_us`` is the container's start time plus ``-ss`` (microseconds), ``duration_us`` the
@@ -113,39 +121,33 @@ def trim_window(
     the end-of-stream time, all in the stream's time base.
     """
     shift = rescale(offset_us, _MICROSECOND, time_base)
-    trimming = duration_us is not None
-    limit = rescale(duration_us, _MICROSECOND, time_base) if trimming else None
-    kept: list[int] = []
-    pts: list[int] = []
-    first: int | None = None
-    for i, frame in enumerate(frames):
-        t = frame.pts - shift
-        if trimming and t < 0:
-            continue
-        if first is None:
-            first = t
-        if limit and t - first >= limit:
-            return kept, pts, t
-        kept.append(i)
-        pts.append(t)
-    if not frames:
-        return kept, pts, 0
-    last = frames[-1]
+    t = timeline.pts - shift
+    kept = np.arange(len(t)) if duration_us is None else np.flatnonzero(t >= 0)
+    if len(kept) == 0:
+        return kept, t[kept], 0
+    limit = rescale(duration_us, _MICROSECOND, time_base) if duration_us is not None else 0
+    if limit:
+        # trim counts the duration from the first frame it passes and ends the stream at the first
+        # frame past it, with that frame's time
+        over = np.flatnonzero(t[kept] - t[kept[0]] >= limit)
+        if len(over):
+            return kept[: over[0]], t[kept[: over[0]]], int(t[kept[over[0]]])
     # the command line carries the end time in microseconds: last time plus duration, each rounded
-    end_us = rescale(last.pts - shift, time_base, _MICROSECOND) + rescale(last.duration, time_base, _MICROSECOND)
-    return kept, pts, rescale(end_us, _MICROSECOND, time_base)
+    last_pts, last_duration = int(t[-1]), int(timeline.duration[-1])
+    end_us = rescale(last_pts, time_base, _MICROSECOND) + rescale(last_duration, time_base, _MICROSECOND)
+    return kept, t[kept], rescale(end_us, _MICROSECOND, time_base)
 
 
-def fps_slots(pts: Sequence[int], end: int, time_base: Fraction, rate: Fraction) -> np.ndarray:
+def fps_slots(pts: np.ndarray, end: int, time_base: Fraction, rate: Fraction) -> np.ndarray:
     """FFmpeg's ``fps`` filter with ``round=down``: for every output frame, the index of its input.
 
     ``pts`` are the input timestamps in arrival order and ``end`` the end-of-stream time, all in
     ``time_base``; ``rate`` is the output frame rate.
     """
-    if not pts:
+    if len(pts) == 0:
         return np.zeros(0, dtype=np.int64)
     out_tb = 1 / rate
-    slot = np.array([rescale(p, time_base, out_tb, down=True) for p in pts], dtype=np.int64)
+    slot = _floor_rescale(np.asarray(pts, dtype=np.int64), time_base, out_tb)
     last = rescale(end, time_base, out_tb, down=True)
     if np.all(slot[1:] >= slot[:-1]):
         # in order: slot k shows the latest frame at or before it, from the first frame's slot up to
