@@ -16,7 +16,7 @@ from safetensors import safe_open
 from penguin_vl import ImageProcessor
 from penguin_vl.video import Video, VideoError, load_video
 from penguin_vl.video.reference import reference_load_video
-from tests.video_samples import make_video, picture
+from tests.video_samples import make_video, picture, with_rotation
 
 GOLDEN = Path(os.environ.get("PENGUIN_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 VIDEO_GOLDEN = GOLDEN / "video"
@@ -59,7 +59,7 @@ def test_goldens(name: str, file: str, kwargs: dict) -> None:
 def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("videos")
     jitter = np.random.default_rng(1).uniform(0.01, 0.09, 80).cumsum()
-    return {
+    videos = {
         "h264": make_video(d / "h264.mp4", frames=90),
         "vfr": make_video(d / "vfr.mkv", frames=80, times=lambda i: float(jitter[i])),
         "late_start": make_video(d / "late.mkv", frames=60, times=lambda i: 1.37 + i / 25),
@@ -69,9 +69,11 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "vp9": make_video(d / "vp9.webm", codec="libvpx-vp9", frames=40),
         "mpeg4": make_video(d / "mpeg4.avi", codec="mpeg4", frames=50, rate=25, options={"bf": "2"}),
         "plain40": make_video(d / "plain40.mp4", frames=40),
-        "rot90": make_video(d / "rot90.mp4", frames=40, rotation=-90),
-        "rot180": make_video(d / "rot180.mp4", frames=40, rotation=180),
     }
+    # the same packets with display matrices asking for a quarter turn clockwise and a half turn
+    videos["rot90"] = with_rotation(videos["plain40"], d / "rot90.mp4", -90)
+    videos["rot180"] = with_rotation(videos["plain40"], d / "rot180.mp4", 180)
+    return videos
 
 
 GENERATED = [
@@ -105,7 +107,6 @@ def test_generated_videos_match_reference_path(samples: dict[str, Path], sample:
 
 
 def test_rotation_metadata_turns_frames(samples: dict[str, Path]) -> None:
-    # the same pictures with display matrices asking for a quarter turn clockwise and a half turn
     plain = load_video(samples["plain40"], fps=4.0).frames
     turned = load_video(samples["rot90"], fps=4.0).frames
     assert np.array_equal(turned, np.rot90(plain, k=-1, axes=(1, 2)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from penguin_vl.video import KeyFrameTyper, rgb_to_hsv
 from penguin_vl.video.keyframes import key_frame_size
@@ -78,3 +79,21 @@ def test_similarity_threshold_edges_match_reference() -> None:
     types = typed(frames)
     assert np.array_equal(types, reference_frame_types(frames))
     assert 0 < types.sum() < len(frames) - 1
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(342, 608), (72, 96), (70, 98), (70, 100), (72, 98), (55, 97), (1080, 1920), (13, 300)]
+)
+def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, height: int, width: int) -> None:
+    compiled = KeyFrameTyper(height, width)
+    if compiled._lib is None:
+        pytest.skip("no C compiler: only the torch path runs here")
+    with monkeypatch.context() as env:
+        env.setenv("PENGUIN_VL_NATIVE", "0")
+        fallback = KeyFrameTyper(height, width)
+    assert fallback._lib is None
+    rng = np.random.default_rng(height * width)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8), picture(5, 9, height, width)]
+    frames.append(np.asarray(frames[1][:, ::-1]))  # a strided view
+    for frame in frames:
+        assert torch.equal(compiled._patches(frame), fallback._patches(frame))

@@ -37,13 +37,12 @@ def make_video(
     frames: int = 60,
     pix_fmt: str = "yuv420p",
     times: Callable[[int], float] | None = None,
-    rotation: float | None = None,
     audio_first: float | None = None,
     options: dict[str, str] | None = None,
 ) -> Path:
     """Write ``frames`` pictures; ``times(i)`` gives frame i's time in seconds (variable frame rate,
-    a late start), else ``i / rate``. ``rotation`` sets a display matrix (degrees counterclockwise);
-    ``audio_first`` adds a silent audio stream starting that many seconds before the video."""
+    a late start), else ``i / rate``. ``audio_first`` adds a silent audio stream starting that many
+    seconds before the video."""
     width, height = size
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
@@ -52,8 +51,6 @@ def make_video(
             stream.options = options
         time_base = Fraction(1, 1000) if times else Fraction(1, rate)
         stream.codec_context.time_base = time_base
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
         audio = None
         if audio_first is not None:
             audio = container.add_stream("aac", rate=8000, layout="mono")
@@ -78,3 +75,16 @@ def make_video(
             for packet in audio.encode():
                 container.mux(packet)
     return path
+
+
+def with_rotation(src: Path, dst: Path, degrees: float) -> Path:
+    """``src``'s packets, unchanged, in a new file whose display matrix rotates by ``degrees`` (counterclockwise)."""
+    with av.open(str(src)) as source, av.open(str(dst), "w") as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        out.set_display_rotation(degrees)
+        for packet in source.demux(stream):
+            if packet.size:
+                packet.stream = out
+                target.mux(packet)
+    return dst

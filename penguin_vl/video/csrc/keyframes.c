@@ -1,0 +1,98 @@
+/* One frame prepared for key-frame typing exactly as the reference prepares it (SPEC section 8.4):
+ * torch's float32 antialiased bilinear resize of the uint8 RGB frame, truncated to uint8, OpenCV's
+ * fixed-point uint8 RGB -> HSV, cut into 14 x 14 patches as float32.
+ *
+ * torch resizes with two separable passes, the horizontal one first, each skipped when its size
+ * does not change; every output is the product of the first tap and its weight, then one fused
+ * multiply-add per further tap, in tap order, in float32. The same operations in the same order
+ * give torch's bits; the vertical pass is written as sums of whole rows so that it vectorises.
+ * The weights come from torch itself (penguin_vl/video/keyframes.py), so they are its bits too.
+ * Measured on the 608x342 frames of SPEC section 8 (one core): ~1.8 ms a frame, against ~4.2 ms
+ * for torch's resize plus the numpy HSV; a horizontal pass on transposed planes (vectorised, two
+ * transposes) was ~10% slower than this scalar one over rows held in L1.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* dst[n] = src[first] * w[0], then fmaf over the taps, for each of `rows` rows of length n; rows
+ * of `src` are `n` floats apart. */
+static void combine_rows(const float *src, int32_t n, int32_t out_rows, const int32_t *first, const int32_t *count,
+                         const float *weights, int32_t taps, float *dst) {
+    for (int32_t o = 0; o < out_rows; o++) {
+        const float *w = weights + (int64_t)o * taps;
+        const float *row = src + (int64_t)first[o] * n;
+        float *out = dst + (int64_t)o * n;
+        const float w0 = w[0];
+        for (int32_t x = 0; x < n; x++) out[x] = row[x] * w0;
+        for (int32_t k = 1; k < count[o]; k++) {
+            const float wk = w[k];
+            const float *r = row + (int64_t)k * n;
+            for (int32_t x = 0; x < n; x++) out[x] = fmaf(r[x], wk, out[x]);
+        }
+    }
+}
+
+/* src: uint8 [height][width][3], rows `stride` bytes apart. work: height * out_w + width + out_w floats;
+ * rgb: 3 * out_h * out_w bytes. patches: float32 [out_h / patch][out_w / patch][3][patch][patch], the
+ * HSV values (H 0..179, S, V) in the reference's patch order. */
+int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height, int32_t width, int32_t out_h,
+                             int32_t out_w, const int32_t *h_first, const int32_t *h_count, const float *h_weights,
+                             int32_t h_taps, const int32_t *v_first, const int32_t *v_count, const float *v_weights,
+                             int32_t v_taps, const uint8_t *s_table, const uint8_t *h_table, int32_t patch,
+                             float *work, uint8_t *rgb, float *patches) {
+    const int64_t out_plane = (int64_t)out_h * out_w;
+    float *mid = work;                               /* one channel after the horizontal pass: [height][out_w] */
+    float *line = mid + (int64_t)height * out_w;     /* one source row of one channel: [width] */
+    float *scratch = line + width;                   /* one output row: [out_w] */
+    for (int c = 0; c < 3; c++) {
+        for (int32_t y = 0; y < height; y++) {
+            const uint8_t *row = src + y * stride + c;
+            for (int32_t x = 0; x < width; x++) line[x] = (float)row[3 * x];
+            float *dst = mid + (int64_t)y * out_w;
+            if (width == out_w) {
+                memcpy(dst, line, sizeof(float) * width);
+                continue;
+            }
+            /* outputs of a row take different taps: scalar, but the row sits in L1 */
+            for (int32_t j = 0; j < out_w; j++) {
+                const float *w = h_weights + (int64_t)j * h_taps;
+                const float *in = line + h_first[j];
+                float t = in[0] * w[0];
+                for (int32_t k = 1; k < h_count[j]; k++) t = fmaf(in[k], w[k], t);
+                dst[j] = t;
+            }
+        }
+        /* vertical pass (or none), then truncation to uint8 as numpy's astype does (values are >= 0) */
+        uint8_t *dst = rgb + c * out_plane;
+        for (int32_t i = 0; i < out_h; i++) {
+            const float *r = mid + (int64_t)i * out_w;
+            if (height != out_h) {
+                combine_rows(mid, out_w, 1, v_first + i, v_count + i, v_weights + (int64_t)i * v_taps, v_taps,
+                             scratch);
+                r = scratch;
+            }
+            for (int32_t x = 0; x < out_w; x++) dst[(int64_t)i * out_w + x] = (uint8_t)(int32_t)r[x];
+        }
+    }
+    /* OpenCV's RGB -> HSV, written as float patches */
+    const int32_t grid_w = out_w / patch, area = patch * patch;
+    for (int32_t y = 0; y < out_h; y++) {
+        const uint8_t *rr = rgb + (int64_t)y * out_w, *gr = rr + out_plane, *br = gr + out_plane;
+        float *o = patches + ((int64_t)(y / patch) * grid_w) * 3 * area + (y % patch) * patch;
+        for (int32_t px = 0; px < grid_w; px++, o += 3 * area)
+            for (int32_t dx = 0; dx < patch; dx++) {
+                const int32_t x = px * patch + dx, r = rr[x], g = gr[x], b = br[x];
+                int32_t v = r > g ? r : g, mn = r < g ? r : g;
+                v = v > b ? v : b;
+                mn = mn < b ? mn : b;
+                const int32_t diff = v - mn;
+                /* the hue numerator by the channel holding the maximum (red wins ties, then green) */
+                const int32_t num = v == r ? g - b : (v == g ? b - r + 2 * diff : r - g + 4 * diff);
+                o[dx] = h_table[((num + 255) << 8) | diff];
+                o[area + dx] = s_table[(v << 8) | diff];
+                o[2 * area + dx] = (float)v;
+            }
+    }
+    return 0;
+}
