@@ -69,6 +69,11 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "vp9": make_video(d / "vp9.webm", codec="libvpx-vp9", frames=40),
         "mpeg4": make_video(d / "mpeg4.avi", codec="mpeg4", frames=50, rate=25, options={"bf": "2"}),
         "plain40": make_video(d / "plain40.mp4", frames=40),
+        # key frames every 12 frames, closed and open GOPs: trimmed reads seek
+        "gops": make_video(d / "gops.mp4", frames=150, options={"g": "12", "bf": "3"}),
+        "open_gops": make_video(
+            d / "open_gops.mp4", frames=150, options={"x264-params": "keyint=12:min-keyint=12:open-gop=1:bframes=3"}
+        ),
     }
     # the same packets with display matrices asking for a quarter turn clockwise and a half turn
     videos["rot90"] = with_rotation(videos["plain40"], d / "rot90.mp4", -90)
@@ -86,6 +91,10 @@ GENERATED = [
     ("h264", {"fps": 3.0, "start": 1.1}),
     ("h264", {"fps": 3.0, "end": 1.9}),
     ("h264", {"fps": 2.0, "start": 1.2, "end": 1.9}),  # under a second: indexed at the average rate
+    ("gops", {"fps": 3.0, "start": 2.6}),
+    ("gops", {"fps": 2.0, "start": 1.3, "end": 4.1}),
+    ("open_gops", {"fps": 3.0, "start": 2.6}),
+    ("open_gops", {"fps": 5.0, "start": 0.9, "end": 2.95}),
     ("vfr", {"fps": 4.0}),
     ("vfr", {"fps": 10.0, "start": 0.5, "end": 2.5}),
     ("late_start", {"fps": 2.0}),

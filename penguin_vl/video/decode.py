@@ -103,11 +103,11 @@ def _stream(container: av.container.InputContainer, source: Source) -> av.video.
     return stream
 
 
-def _timeline(pairs: list[tuple[int | None, int | None]]) -> Timeline | None:
-    if not pairs or any(pts is None for pts, _ in pairs):
+def _timeline(rows: list[tuple[int | None, int | None, bool]]) -> Timeline | None:
+    if not rows or any(pts is None for pts, _, _ in rows):
         return None
-    table = np.array([(pts, duration or 0) for pts, duration in pairs], dtype=np.int64).reshape(-1, 2)
-    return Timeline(table[:, 0].copy(), table[:, 1].copy())
+    table = np.array([(pts, duration or 0, key) for pts, duration, key in rows], dtype=np.int64).reshape(-1, 3)
+    return Timeline(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].astype(bool))
 
 
 def packet_timeline(source: Source) -> Timeline | None:
@@ -115,7 +115,7 @@ def packet_timeline(source: Source) -> Timeline | None:
     try:
         with av.open(source.path) as container:
             stream = container.streams[source.stream_index]
-            timeline = _timeline([(p.pts, p.duration) for p in container.demux(stream) if p.size])
+            timeline = _timeline([(p.pts, p.duration, p.is_keyframe) for p in container.demux(stream) if p.size])
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot read ({e})") from e
     if timeline is None:
@@ -124,7 +124,7 @@ def packet_timeline(source: Source) -> Timeline | None:
     pts = timeline.pts[order]
     if np.any(pts[1:] == pts[:-1]):
         return None
-    return Timeline(pts, timeline.duration[order])
+    return Timeline(pts, timeline.duration[order], timeline.keyframe[order])
 
 
 def _decoded(container: av.container.InputContainer, stream, skip: Callable[[av.Packet], bool] | None) -> Iterator:
@@ -143,12 +143,12 @@ def frame_timeline(source: Source) -> Timeline:
     try:
         with av.open(source.path) as container:
             stream = _stream(container, source)
-            pairs = [(f.pts, f.duration) for f in _decoded(container, stream, None)]
+            rows = [(f.pts, f.duration, False) for f in _decoded(container, stream, None)]
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot decode ({e})") from e
-    if not pairs:
+    if not rows:
         raise VideoError(f"{source.path}: no frame could be decoded")
-    timeline = _timeline(pairs)
+    timeline = _timeline(rows)
     if timeline is None:
         raise VideoError(f"{source.path}: the decoder gives frames without timestamps")
     return timeline
@@ -185,6 +185,21 @@ class _ToRGB:
         return self.graph.pull().to_ndarray()
 
 
+def _seek_before(container, stream, timeline: Timeline, first: int) -> None:
+    """Start decoding two GOPs before the first frame needed, when that skips anything.
+
+    A frame decodes the same from its own GOP's key frame as from the start of a closed-GOP stream;
+    the GOP before covers an open GOP's leading frames, which reference it. The plan still checks
+    that every frame needed comes out with its timestamp.
+    """
+    if timeline.keyframe is None:
+        return
+    keys = np.flatnonzero(timeline.keyframe[: first + 1])
+    if len(keys) < 2 or keys[-2] == 0:
+        return
+    container.seek(int(timeline.pts[keys[-2]]), stream=stream, backward=True, any_frame=False)
+
+
 def decode_picked(
     source: Source,
     timeline: Timeline,
@@ -214,6 +229,8 @@ def decode_picked(
     try:
         with av.open(source.path) as container:
             stream = _stream(container, source)
+            if not by_order:
+                _seek_before(container, stream, timeline, min(needed))
             for n, frame in enumerate(_decoded(container, stream, skip)):
                 index = n if by_order else where.get(frame.pts)
                 if index is None or index <= previous:

@@ -98,6 +98,7 @@ class Timeline:
 
     pts: np.ndarray  # int64 [N]
     duration: np.ndarray  # int64 [N]
+    keyframe: np.ndarray | None = None  # bool [N], where the packets say which frames start a GOP
 
     def __len__(self) -> int:
         return len(self.pts)
