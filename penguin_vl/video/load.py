@@ -144,7 +144,10 @@ def _with_timeline(source: Source, plan):
             return plan(timeline, False)
         except Mismatch:
             pass
-    return plan(frame_timeline(source), True)
+    try:
+        return plan(frame_timeline(source), True)
+    except Mismatch as e:  # a second decode disagreeing with the first: the file is not readable as is
+        raise VideoError(f"{source.path}: {e}") from None
 
 
 def _video_file(source: Source, fps: float, max_frames: int, start: float | None, end: float | None) -> Video:
