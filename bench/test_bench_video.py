@@ -15,6 +15,8 @@ sampled at fps 2. ``speedup_vs_reference`` is the baseline's median time over ou
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,4 +108,46 @@ def test_key_frame_typing(benchmark, one_thread, clips, name):
         baselines={"reference": reference_frame_types},
         rounds=5,
         info={"clip": name, "frames": len(frames), "key_frames": types.count(0)},
+    )
+
+
+_PEAK_RSS = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from penguin_vl import load_video
+video = load_video(sys.argv[1], fps=1.0, max_frames=180)
+print(len(video), video.frames.nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_long_video_peak_memory(benchmark, tmp_path_factory):
+    """A 20-minute 720p clip at fps 1 with max_frames 180, in a fresh process: its peak resident memory.
+
+    The reference holds all 1,200 sampled frames (3.3 GB) before thinning to 180; here the 180 frames
+    returned (0.5 GB) are the only pixels held. The clip runs at 5 frames a second so that making it
+    takes about a minute; the decoder still reads every packet.
+    """
+    path = make_video(
+        tmp_path_factory.mktemp("long") / "long_720p.mp4",
+        size=(1280, 720),
+        rate=5,
+        frames=20 * 60 * 5,
+        options={"preset": "ultrafast", "g": "50"},
+    )
+    runs = []
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path)], capture_output=True, text=True, check=True)
+        runs.append([int(v) for v in done.stdout.split()])
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    frames, frame_bytes, peak = runs[-1]
+    assert frames == 180
+    benchmark.extra_info.update(
+        {
+            "clip": "1280x720_5fps_20min_fps1_max180",
+            "peak_rss_gb": peak / 1e9,
+            "frames_gb": frame_bytes / 1e9,
+            "reference_sampled_frames_gb": 1200 * 1280 * 720 * 3 / 1e9,
+        }
     )
