@@ -185,6 +185,12 @@ class _ToRGB:
         return self.graph.pull().to_ndarray()
 
 
+def _position(pts: np.ndarray, value: int | None) -> int | None:
+    """Where ``value`` is in the sorted ``pts``, or None."""
+    i = int(np.searchsorted(pts, value)) if value is not None else len(pts)
+    return i if i < len(pts) and pts[i] == value else None
+
+
 def _seek_before(container, stream, timeline: Timeline, first: int) -> None:
     """Start decoding two GOPs before the first frame needed, when that skips anything.
 
@@ -217,7 +223,6 @@ def decode_picked(
     """
     needed = {int(i) for i in picked}
     last = len(timeline) - 1
-    where = {} if by_order else {pts: i for i, pts in enumerate(timeline.pts.tolist())}
     # the last frame's end sets the slot count: the frame must exist
     check = set(needed) if by_order else needed | {last}
     wanted = {int(timeline.pts[i]) for i in check}
@@ -232,7 +237,7 @@ def decode_picked(
             if not by_order:
                 _seek_before(container, stream, timeline, min(needed))
             for n, frame in enumerate(_decoded(container, stream, skip)):
-                index = n if by_order else where.get(frame.pts)
+                index = n if by_order else _position(timeline.pts, frame.pts)
                 if index is None or index <= previous:
                     raise Mismatch(f"frame at {frame.pts} is not next in the timeline")
                 previous = index
