@@ -121,7 +121,7 @@ class KeyFrameTyper:
             rh, rw = self.size
             self._h = _resize_taps(width, rw)
             self._v = _resize_taps(height, rh)
-            self._work = np.empty(height * rw + width + rw, dtype=np.float32)
+            self._work = np.empty(height * rw + 8 * (width + rw), dtype=np.float32)
             self._rgb = np.empty((3, rh, rw), dtype=np.uint8)
             # reused: a fresh 2 MB buffer a frame costs its page faults (~0.3 ms); no patches outlive add()
             self._cut = np.empty((rh // PATCH, rw // PATCH, 3 * PATCH * PATCH), dtype=np.float32)

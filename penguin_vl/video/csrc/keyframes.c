@@ -5,11 +5,11 @@
  * torch resizes with two separable passes, the horizontal one first, each skipped when its size
  * does not change; every output is the product of the first tap and its weight, then one fused
  * multiply-add per further tap, in tap order, in float32. The same operations in the same order
- * give torch's bits; the vertical pass is written as sums of whole rows so that it vectorises.
+ * give torch's bits.
  * The weights come from torch itself (penguin_vl/video/keyframes.py), so they are its bits too.
- * Measured on the 608x342 frames of SPEC section 8 (one core): ~1.8 ms a frame, against ~4.2 ms
- * for torch's resize plus the numpy HSV; a horizontal pass on transposed planes (vectorised, two
- * transposes) was ~10% slower than this scalar one over rows held in L1.
+ * The horizontal pass resamples eight rows at once (one per vector lane), the vertical pass sums
+ * whole rows, so both vectorise. Measured on the 608x342 frames of SPEC section 8 (one core): ~1.8 ms
+ * a frame with a scalar horizontal pass, against ~4.2 ms for torch's resize plus the numpy HSV.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,36 +33,50 @@ static void combine_rows(const float *src, int32_t n, int32_t out_rows, const in
     }
 }
 
-/* src: uint8 [height][width][3], rows `stride` bytes apart. work: height * out_w + width + out_w floats;
- * rgb: 3 * out_h * out_w bytes. patches: float32 [out_h / patch][out_w / patch][3][patch][patch], the
- * HSV values (H 0..179, S, V) in the reference's patch order. */
+enum { LANES = 8 }; /* rows resampled together by the horizontal pass, one per vector lane */
+
+/* src: uint8 [height][width][3], rows `stride` bytes apart. work: height * out_w + LANES * (width + out_w)
+ * floats; rgb: 3 * out_h * out_w bytes. patches: float32 [out_h / patch][out_w / patch][3][patch][patch],
+ * the HSV values (H 0..179, S, V) in the reference's patch order. */
 int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height, int32_t width, int32_t out_h,
                              int32_t out_w, const int32_t *h_first, const int32_t *h_count, const float *h_weights,
                              int32_t h_taps, const int32_t *v_first, const int32_t *v_count, const float *v_weights,
                              int32_t v_taps, const uint8_t *s_table, const uint8_t *h_table, int32_t patch,
                              float *work, uint8_t *rgb, float *patches) {
     const int64_t out_plane = (int64_t)out_h * out_w;
-    float *mid = work;                               /* one channel after the horizontal pass: [height][out_w] */
-    float *line = mid + (int64_t)height * out_w;     /* one source row of one channel: [width] */
-    float *scratch = line + width;                   /* one output row: [out_w] */
+    float *mid = work;                             /* one channel after the horizontal pass: [height][out_w] */
+    float *block = mid + (int64_t)height * out_w;  /* LANES source rows of one channel, interleaved: [width][LANES] */
+    float *done = block + (int64_t)LANES * width;  /* their outputs, interleaved: [out_w][LANES]; one output row */
     for (int c = 0; c < 3; c++) {
-        for (int32_t y = 0; y < height; y++) {
-            const uint8_t *row = src + y * stride + c;
-            for (int32_t x = 0; x < width; x++) line[x] = (float)row[3 * x];
-            float *dst = mid + (int64_t)y * out_w;
+        for (int32_t y0 = 0; y0 < height; y0 += LANES) {
+            const int32_t rows = height - y0 < LANES ? height - y0 : LANES;
             if (width == out_w) {
-                memcpy(dst, line, sizeof(float) * width);
+                for (int32_t r = 0; r < rows; r++)
+                    for (int32_t x = 0; x < width; x++)
+                        mid[(int64_t)(y0 + r) * out_w + x] = (float)src[(y0 + r) * stride + 3 * x + c];
                 continue;
             }
-            /* outputs of a row take different taps: scalar, but the row sits in L1 */
-            for (int32_t j = 0; j < out_w; j++) {
-                const float *w = h_weights + (int64_t)j * h_taps;
-                const float *in = line + h_first[j];
-                float t = in[0] * w[0];
-                for (int32_t k = 1; k < h_count[j]; k++) t = fmaf(in[k], w[k], t);
-                dst[j] = t;
+            /* interleave LANES rows so each output's taps are one vector per tap (spare lanes are zeros) */
+            if (rows < LANES) memset(block, 0, sizeof(float) * LANES * width);
+            for (int32_t r = 0; r < rows; r++) {
+                const uint8_t *row = src + (y0 + r) * stride + c;
+                for (int32_t x = 0; x < width; x++) block[(int64_t)x * LANES + r] = (float)row[3 * x];
             }
+            for (int32_t j = 0; j < out_w; j++) {
+                const float *restrict w = h_weights + (int64_t)j * h_taps;
+                const float *restrict in = block + (int64_t)h_first[j] * LANES;
+                float acc[LANES];
+                for (int32_t r = 0; r < LANES; r++) acc[r] = in[r] * w[0];
+                for (int32_t k = 1; k < h_count[j]; k++) {
+                    const float wk = w[k];
+                    for (int32_t r = 0; r < LANES; r++) acc[r] = fmaf(in[k * LANES + r], wk, acc[r]);
+                }
+                memcpy(done + (int64_t)j * LANES, acc, sizeof acc);
+            }
+            for (int32_t r = 0; r < rows; r++)
+                for (int32_t j = 0; j < out_w; j++) mid[(int64_t)(y0 + r) * out_w + j] = done[(int64_t)j * LANES + r];
         }
+        float *scratch = done;
         /* vertical pass (or none), then truncation to uint8 as numpy's astype does (values are >= 0) */
         uint8_t *dst = rgb + c * out_plane;
         for (int32_t i = 0; i < out_h; i++) {
