@@ -15,8 +15,8 @@ bench:
 	python -m pytest bench --benchmark-only
 
 inspect:
-	python -m penguin_kernels.inspect --arch 90
-	python -m penguin_kernels.inspect --arch 80
+	python -m bench.inspect --arch 90
+	python -m bench.inspect --arch 80
 
 bench-gpu:
 	PYTHONPATH=. python -m bench.gpu_suite

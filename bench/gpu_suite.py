@@ -95,7 +95,7 @@ def _run(step: Step, timeout: float, env: dict[str, str]) -> Step:
 
 def _ceilings_step(path: Path, timeout: float, env: dict[str, str]) -> Step:
     code = (
-        "import sys; from penguin_kernels._timing import measure_ceilings, environment; "
+        "import sys; from bench.timing import measure_ceilings, environment; "
         "import json; c = measure_ceilings(); "
         f"open({str(path)!r}, 'w').write(c.to_json()); "
         "print(json.dumps({'ceilings': json.loads(c.to_json()), 'environment': environment()}))"
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fallback_environment() -> dict[str, Any]:
     try:
-        from penguin_kernels._timing import environment
+        from bench.timing import environment
 
         return environment()
     except Exception as exc:  # the suite still writes its results when the package cannot import

@@ -22,7 +22,7 @@ API
 ---
 ``requires_cuda``
     skip marker for tests that need a CUDA GPU (with the reason in the skip message).
-``ceilings`` (fixture, ``bench/conftest.py``) / :func:`measure_ceilings` (from ``penguin_kernels._timing``)
+``ceilings`` (fixture, ``bench/conftest.py``) / :func:`measure_ceilings` (from ``bench.timing``)
     :class:`Ceilings` measured on this GPU once per session: dense bf16 matmul TFLOP/s
     (``8192^3`` ``torch.matmul``) and device-to-device copy GB/s (read + write bytes). Percentages are
     relative to these measured numbers, not to datasheet peaks. ``PENGUIN_CEILINGS=<file.json>``
@@ -67,7 +67,7 @@ from typing import Any
 import pytest
 import torch
 
-from penguin_kernels._timing import (
+from bench.timing import (
     Ceilings,
     L2Flusher,
     cuda_times,
@@ -81,6 +81,7 @@ __all__ = [
     "BenchResult",
     "Ceilings",
     "cpu_bench",
+    "cpu_times",
     "cuda_times",
     "environment",
     "gpu_bench",
@@ -105,7 +106,8 @@ class BenchResult:
     info: dict[str, Any]
 
 
-def _cpu_times(fn: Callable[..., Any], inputs: Sequence[tuple], *, rounds: int | None, warmup: int) -> list[float]:
+def cpu_times(fn: Callable[..., Any], inputs: Sequence[tuple], *, rounds: int | None, warmup: int) -> list[float]:
+    """Wall seconds of each ``fn(*inputs[i % len(inputs)])`` call after ``warmup`` untimed ones."""
     inputs = _check_inputs(inputs)
 
     def one(args: tuple) -> float:
@@ -232,7 +234,7 @@ def _bench(
         if on_gpu:
             base_times = cuda_times(base, inputs, rounds=rounds, warmup=warmup, flush_l2=flush_l2)
         else:
-            base_times = _cpu_times(base, inputs, rounds=rounds, warmup=warmup)
+            base_times = cpu_times(base, inputs, rounds=rounds, warmup=warmup)
         base_seconds[name] = statistics.median(base_times)
 
     summary = _summary(times)

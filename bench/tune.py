@@ -5,36 +5,43 @@
     PYTHONPATH=. python -m bench.tune linear --m 16384 --n 4096 --k 1024 --out /tmp/linear.json
     PYTHONPATH=. python -m bench.tune gate_up_swiglu --m 65536
 
-Each candidate replaces the shipped choice (``penguin_kernels.attention.select_config`` or
-``penguin_kernels.gemm._pick_tile``) for its calls only. Its output is checked against the shipped
-configuration's output on the same inputs (relative Frobenius error below ``--tol``: other tile
-shapes change the summation order, nothing else), then it is timed with CUDA events, L2 flushed
-before each call. A candidate that does not compile (shared memory, registers) or gives a wrong
-answer is listed with the reason, never ranked. The table is sorted by median time; the ``speedup``
-column is the shipped configuration's median over the candidate's, measured in the same run.
+Each candidate is passed to the kernel's public function as its ``config=``; the shipped choice is
+what ``penguin_kernels.attention.select_config`` or ``penguin_kernels.gemm.select_tile`` returns. Its
+output is checked against the shipped configuration's output on the same inputs (relative Frobenius
+error below ``--tol``: other tile shapes change the summation order, nothing else), then it is timed
+with CUDA events, L2 flushed before each call. A candidate that does not compile (shared memory,
+registers) or gives a wrong answer is listed with the reason, never ranked. The table is sorted by
+median time; the ``speedup`` column is the shipped configuration's median over the candidate's,
+measured in the same run.
 
 Nothing is changed in the package: a better configuration is adopted by editing ``_CONFIGS`` in
-``attention.py`` or the tile tuples in ``gemm.py``, then re-running ``python -m penguin_kernels.inspect``
+``attention.py`` or ``_TILES`` in ``gemm.py``, then re-running ``python -m bench.inspect``
 (spills, shared memory) and the tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+import penguin_kernels as pk
+from bench.harness import cpu_times
+from bench.profile import workload
+from bench.timing import cuda_times
+from penguin_kernels.attention import AttentionConfig, select_config
+from penguin_kernels.device import DTYPES, device_info, interpreter_active
+from penguin_kernels.gemm import Tile, select_tile
+
 TARGETS = ("attention", "linear", "gate_up_swiglu")
 
 
@@ -61,20 +68,8 @@ class Trial:
     error: str = ""
 
 
-@contextlib.contextmanager
-def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def attention_candidates(sweep: str) -> list[Any]:
     """Tile shapes, warps and pipeline depths around the shipped ones (``quick``) or a wider grid (``full``)."""
-    from penguin_kernels.attention import AttentionConfig
-
     if sweep == "quick":
         grid = itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
     else:
@@ -86,8 +81,6 @@ def attention_candidates(sweep: str) -> list[Any]:
 
 
 def gemm_candidates(sweep: str, swiglu: bool) -> list[Any]:
-    from penguin_kernels.gemm import Tile
-
     bns = (64, 128) if swiglu else (64, 128, 256)
     stages = (3, 4) if sweep == "quick" else (2, 3, 4, 5)
     bks = (64,) if sweep == "quick" else (32, 64)
@@ -102,33 +95,25 @@ def _randn(*shape: int, dtype: torch.dtype, device: str, scale: float = 1.0) -> 
 
 
 def attention_problem(args: argparse.Namespace, device: str) -> Problem:
-    import penguin_kernels as pk
-    import penguin_kernels.attention as attn
-    from penguin_kernels.profile import _workload
-
-    dtype = _DTYPES[args.dtype]
-    wl = _workload(args)
+    dtype = DTYPES[args.dtype]
+    wl = workload(args)
     n, h, kv, hd = wl.tokens, args.heads, args.kv_heads, args.head_dim
     q = _randn(n, h, hd, dtype=dtype, device=device)
     k = _randn(n, kv, hd, dtype=dtype, device=device)
     v = _randn(n, kv, hd, dtype=dtype, device=device)
     cu = wl.cu_seqlens(device)
     max_seqlen = wl.max_seqlen
-    shipped = attn.select_config(attn._capability(q.device), dtype, hd, max_seqlen)
+    shipped = select_config(device_info(q.device), dtype, hd, max_seqlen)
 
     def run(config: Any) -> torch.Tensor:
-        with _replaced(attn, "select_config", lambda *_: config):
-            return pk.varlen_attention(q, k, v, cu, max_seqlen)
+        return pk.varlen_attention(q, k, v, cu, max_seqlen, config=config)
 
     shape = f"q [{n}, {h}, {hd}], kv [{n}, {kv}, {hd}] {args.dtype}, {wl.frames} segments; {wl.describe()}"
     return Problem("attention", shape, wl.attention_flops(h, hd), shipped, attention_candidates(args.sweep), run)
 
 
 def gemm_problem(args: argparse.Namespace, device: str) -> Problem:
-    import penguin_kernels as pk
-    import penguin_kernels.gemm as gemm
-
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     swiglu = args.target == "gate_up_swiglu"
     m = args.m
     k = args.k or args.hidden
@@ -136,11 +121,10 @@ def gemm_problem(args: argparse.Namespace, device: str) -> Problem:
     x = _randn(m, k, dtype=dtype, device=device)
     w = _randn(2 * n if swiglu else n, k, dtype=dtype, device=device, scale=k**-0.5)
     b = None if swiglu else _randn(n, dtype=dtype, device=device, scale=0.02)
-    shipped = gemm._pick_tile(x, m, n, k, swiglu)
+    shipped = select_tile(device_info(x.device), dtype, m, n, k, swiglu)
 
     def run(config: Any) -> torch.Tensor:
-        with _replaced(gemm, "_pick_tile", lambda *_: config):
-            return pk.gate_up_swiglu(x, w) if swiglu else pk.linear(x, w, b)
+        return pk.gate_up_swiglu(x, w, config=config) if swiglu else pk.linear(x, w, b, config=config)
 
     flops = 2.0 * m * k * (2 * n if swiglu else n)
     shape = f"x [{m}, {k}] @ w [{2 * n if swiglu else n}, {k}]^T {args.dtype}" + (", SwiGLU" if swiglu else ", bias")
@@ -161,13 +145,9 @@ def _describe(config: Any) -> dict[str, Any]:
 def sweep(problem: Problem, *, tol: float, rounds: int | None, on_cuda: bool) -> list[Trial]:
     """Check and time the shipped configuration and every candidate; ranked trials, failures last."""
     if on_cuda:
-        from penguin_kernels._timing import cuda_times
-
         timer = lambda fn: cuda_times(lambda: fn(), [()], rounds=rounds)
     else:
-        from bench.harness import _cpu_times
-
-        timer = lambda fn: _cpu_times(lambda: fn(), [()], rounds=rounds, warmup=1)
+        timer = lambda fn: cpu_times(lambda: fn(), [()], rounds=rounds, warmup=1)
     expected = problem.run(problem.shipped)
     configs = [problem.shipped, *(c for c in problem.candidates if c != problem.shipped)]
     trials = []
@@ -213,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.splitlines()[0])
     p.add_argument("target", choices=TARGETS)
     p.add_argument("--sweep", choices=("quick", "full"), default="quick")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--workload", default="image_mix", help="attention: SPEC section 7 workload")
     p.add_argument("--tokens", type=int, help="attention: total tokens of a uniform workload (overrides --workload)")
     p.add_argument("--seqlen", type=int, help="attention: segment length of a uniform workload")
@@ -238,8 +218,6 @@ _TOL = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     on_cuda = torch.cuda.is_available()
-    from penguin_kernels._checks import interpreter_active
-
     if not on_cuda and not interpreter_active():
         print(
             "bench.tune times kernels on a CUDA GPU (none is visible to torch); with TRITON_INTERPRET=1 it runs "

@@ -30,10 +30,10 @@ Design, for Hopper first (sm_90), Ampere (sm_80) second:
   input dtype once, as the register operand of the second MMA, which accumulates into ``acc``.
 * **Tiles.** sm_90: BLOCK_M 128, BLOCK_N 128, 8 warps (two warpgroups issuing wgmma), 2 stages at
   head_dim 128 (254 registers, 161 KB of shared memory) and 3 at 64: no spills, under the 227 KB
-  limit. Batches whose segments are at most 64 tokens long use 64 x 64 tiles. sm_80 and other non-Hopper
-  GPUs: BLOCK_N 64 (at most 64 KB, so sm_86/89's 99 KB hold it too). Float32 (the parity dtype)
-  runs IEEE dots on CUDA cores, ``q k^T`` in head_dim chunks so that nothing spills; it is for
-  parity runs, not speed.
+  limit (sm_100, with as much shared memory, takes them too). Batches whose segments are at most 64
+  tokens long use 64 x 64 tiles. sm_80 and the other GPUs: BLOCK_N 64 (at most 64 KB, so the 99 KB
+  of sm_86/89/120 hold it too). Float32 (the parity dtype) runs IEEE dots on CUDA cores, ``q k^T``
+  in head_dim chunks so that nothing spills; it is for parity runs, not speed.
 * **Not used.** Tensor descriptors (TMA), warp specialisation and FA3-style ping-pong scheduling:
   the head packing's row mapping and the strided fused-QKV views do not map onto one descriptor
   box without reshaping tiles, and Triton 3.6 offers no warp-specialised attention loop on Hopper.
@@ -51,19 +51,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import check_float, check_inference, check_like, dot_precision
+from penguin_kernels._checks import (
+    ShapeCache,
+    check_float,
+    check_inference,
+    check_like,
+    dot_precision,
+    runnable,
+    signature,
+)
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import DTYPES, Device, describe_arch, device_info
 
-if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
-
-__all__ = ["varlen_attention", "varlen_attention_op", "compile_cases"]
+__all__ = ["AttentionConfig", "varlen_attention", "varlen_attention_op", "select_config", "compile_cases"]
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
@@ -73,7 +80,6 @@ _PLAN_BLOCK = 1024
 _PLAN_WARPS = 4
 # Every allocation of the op goes through this name, so tests can hand out poisoned buffers.
 _empty = torch.empty
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @triton.jit
@@ -292,19 +298,20 @@ class AttentionConfig:
 
 
 _C = AttentionConfig
-# (family, head_dim, short) -> config. "hopper" is sm_90 and sm_100 (227 KB of shared memory per
-# block, wgmma); "ampere" is every other CUDA device (99 KB on sm_86/89 is enough for these). "short":
-# every segment is one 64-key block at most, where 128 x 128 tiles would compute half-empty blocks.
+# (tile set, head_dim, short) -> config. Tile set 90 (``Device.tile_arch``): sm_90 and sm_100, 227 KB
+# of shared memory per block, wgmma on sm_90; 80: every other CUDA device (99 KB on sm_86/89/120 is
+# enough for these). "short": every segment is one 64-key block at most, where 128 x 128 tiles would
+# compute half-empty blocks.
 # All of them compile to 0 bytes of spill on sm_90 and sm_80 (see compile_cases).
 _CONFIGS = {
-    ("hopper", 128, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=2, max_pack=8),
-    ("hopper", 64, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=3, max_pack=8),
-    ("hopper", 128, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
-    ("hopper", 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
-    ("ampere", 128, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=2, max_pack=8),
-    ("ampere", 64, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=3, max_pack=8),
-    ("ampere", 128, True): _C(block_m=64, block_n=64, num_warps=8, num_stages=2, max_pack=4),
-    ("ampere", 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
+    (90, 128, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=2, max_pack=8),
+    (90, 64, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=3, max_pack=8),
+    (90, 128, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
+    (90, 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
+    (80, 128, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=2, max_pack=8),
+    (80, 64, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=3, max_pack=8),
+    (80, 128, True): _C(block_m=64, block_n=64, num_warps=8, num_stages=2, max_pack=4),
+    (80, 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
 }
 # float32 runs IEEE dots on CUDA cores, for parity runs rather than speed. Triton's FMA dot keeps
 # whole rows of its operands in each thread: one dot over head_dim 128 spills at any tile size, so
@@ -326,19 +333,13 @@ def _pack(group: int, cfg: AttentionConfig) -> int:
     return min(group & -group, cfg.max_pack)
 
 
-def _family(capability: tuple[int, int]) -> str:
-    return "hopper" if capability[0] in (9, 10) else "ampere"
-
-
-def select_config(
-    capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int, max_seqlen: int
-) -> AttentionConfig:
-    """The configuration for a device of compute ``capability`` (``None``: the CPU interpreter)."""
-    if capability is None:
+def select_config(device: Device, dtype: torch.dtype, head_dim: int, max_seqlen: int) -> AttentionConfig:
+    """The shipped configuration for ``device`` (see :func:`penguin_kernels.device.device_info`)."""
+    if device.tile_arch is None:
         return _INTERPRETER_FP32_CONFIG if dtype == torch.float32 else _INTERPRETER_CONFIG
     if dtype == torch.float32:
         return _FP32_CONFIGS[head_dim]
-    return _CONFIGS[_family(capability), head_dim, max_seqlen <= _SHORT_SEQLEN]
+    return _CONFIGS[device.tile_arch, head_dim, max_seqlen <= _SHORT_SEQLEN]
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -376,10 +377,6 @@ def _check_scale(softmax_scale: float | None) -> None:
         raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
 
 
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-
-
 @triton_op("penguin::varlen_attention", mutates_args=())
 def _varlen_attention_op(
     q: torch.Tensor,
@@ -389,57 +386,119 @@ def _varlen_attention_op(
     max_seqlen: int,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
+    return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, None)
+
+
+class _Launch(NamedTuple):
+    """The launches of one call, worked out from the inputs' metadata once their checks passed."""
+
+    out_shape: tuple[int, int, int]
+    n_seg: int
+    n_plan: int
+    tokens: int
+    grid: tuple[int, int]
+    strides: tuple[int, ...]
+    qk_scale: float
+    constexprs: dict[str, int | str]
+    config: AttentionConfig
+
+
+def _build_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
+    config: AttentionConfig | None,
+) -> _Launch:
     _check_tensors(q, k, v, cu_seqlens)
     _check_scale(softmax_scale)
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
     n, h, hd = q.shape
-    kv = k.shape[1]
-    out = _empty((n, h, hd), dtype=q.dtype, device=q.device)
+    group = h // k.shape[1]
     n_seg = cu_seqlens.numel() - 1
-    if n == 0 or n_seg == 0 or max_seqlen == 0:
-        return out
-    group = h // kv
-    cfg = select_config(_capability(q.device), q.dtype, hd, max_seqlen)
+    cfg = config or select_config(device_info(q.device), q.dtype, hd, max_seqlen)
     pack = _pack(group, cfg)
     tokens = cfg.block_m // pack
     # Upper bound on sum_i ceil(L_i / tokens) without reading cu_seqlens; spare rows exit at once.
-    n_plan = min(triton.cdiv(n, tokens) + n_seg, n_seg * triton.cdiv(max_seqlen, tokens))
-    plan = _empty((n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
+    n_plan = min(-(-n // tokens) + n_seg, n_seg * -(-max_seqlen // tokens)) if n and n_seg and max_seqlen else 0
+    scale = hd**-0.5 if softmax_scale is None else softmax_scale
+    return _Launch(
+        out_shape=(n, h, hd),
+        n_seg=n_seg,
+        n_plan=n_plan,
+        tokens=tokens,
+        grid=(n_plan, h // pack),
+        strides=(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], h * hd, hd),
+        qk_scale=scale * _LOG2E,
+        constexprs={
+            "HEAD_DIM": hd,
+            "HEAD_CHUNK": cfg.head_chunk or hd,
+            "GROUP": group,
+            "PACK": pack,
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "DOT_PRECISION": dot_precision(q.dtype),
+        },
+        config=cfg,
+    )
+
+
+_LAUNCHES = ShapeCache(_build_launch)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
+    config: AttentionConfig | None,
+) -> torch.Tensor:
+    """The launches of the op, with ``config`` in place of the shipped choice when given."""
+    args = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
+    try:
+        key = (
+            signature(q),
+            runnable(q),
+            signature(k),
+            signature(v),
+            signature(cu_seqlens),
+            max_seqlen,
+            softmax_scale,
+            config,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        launch = _build_launch(*args)
+    else:
+        launch = _LAUNCHES.get(key, *args)
+    out = _empty(launch.out_shape, dtype=q.dtype, device=q.device)
+    if launch.n_plan == 0:
+        return out
+    plan = _empty((launch.n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
     wrap_triton(_plan_kernel)[(1,)](
         cu_seqlens,
         plan,
-        n_seg,
-        n_plan,
-        TOKENS_PER_BLOCK=tokens,
+        launch.n_seg,
+        launch.n_plan,
+        TOKENS_PER_BLOCK=launch.tokens,
         BLOCK=_PLAN_BLOCK,
         num_warps=_PLAN_WARPS,
     )
-    scale = hd**-0.5 if softmax_scale is None else softmax_scale
-    wrap_triton(_varlen_attn_fwd_kernel)[(n_plan, h // pack)](
+    wrap_triton(_varlen_attn_fwd_kernel)[launch.grid](
         q,
         k,
         v,
         out,
         plan,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        scale * _LOG2E,
-        HEAD_DIM=hd,
-        HEAD_CHUNK=cfg.head_chunk or hd,
-        GROUP=group,
-        PACK=pack,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        *launch.strides,
+        launch.qk_scale,
+        **launch.constexprs,
+        num_warps=launch.config.num_warps,
+        num_stages=launch.config.num_stages,
     )
     return out
 
@@ -451,6 +510,8 @@ def varlen_attention_op(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     softmax_scale: float | None = None,
+    *,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """``torch.ops.penguin.varlen_attention``: :func:`varlen_attention` for trusted inputs.
 
@@ -458,7 +519,12 @@ def varlen_attention_op(
     capturable in a CUDA graph and traceable by ``torch.compile``. The caller guarantees that
     ``cu_seqlens`` starts at 0, never decreases and ends at N, and that ``max_seqlen`` is at least the
     longest segment (query blocks beyond a too-small bound are left unwritten).
+
+    ``config`` replaces the shipped launch configuration (:func:`select_config`), for tuning; the
+    launch then runs outside the registered op.
     """
+    if config is not None:
+        return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
     return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
 
 
@@ -522,6 +588,7 @@ def varlen_attention(
     max_seqlen_k: int | None = None,
     dropout_p: float = 0.0,
     causal: bool = False,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention inside each segment of a packed batch, GQA, one attention launch.
 
@@ -536,6 +603,7 @@ def varlen_attention(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal: the keywords of
             flash-attn's ``flash_attn_varlen_func``, so that this drops in where it is called. The
             ``_q`` and ``_k`` values must be equal; ``dropout_p`` must be 0 and ``causal`` False.
+        config: a launch configuration in place of the shipped one (:func:`select_config`), for tuning.
 
     Returns:
         ``[N, H, hd]``, contiguous, q's dtype.
@@ -563,15 +631,13 @@ def varlen_attention(
     _check_scale(softmax_scale)
     check_inference(q=q, k=k, v=v)
     max_seqlen = _check_seqlens(cu_seqlens, q.shape[0], max_seqlen, cu_seqlens_k)
-    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config=config)
 
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """Every shipped config for ``sm_<arch>``: bf16 at head_dim 64 and 128, long and short segments;
     fp16 and a GQA ratio of 8 (pack 8) on the long configs; float32; and the planning kernel."""
-    from penguin_kernels._compile import CompileCase
-
-    capability = (arch // 10, arch % 10)
+    device = describe_arch(arch)
     strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_on", "stride_oh")
     cases = [
         CompileCase(
@@ -588,8 +654,8 @@ def compile_cases(arch: int) -> list[CompileCase]:
     shapes += [("fp16", hd, 2, 4096) for hd in SUPPORTED_HEAD_DIMS] + [("bf16", 128, 8, 4096)]
     shapes += [("fp32", hd, 2, 4096) for hd in SUPPORTED_HEAD_DIMS]
     for name, hd, group, max_seqlen in shapes:
-        dtype = _TORCH_DTYPES[name]
-        cfg = select_config(capability, dtype, hd, max_seqlen)
+        dtype = DTYPES[name]
+        cfg = select_config(device, dtype, hd, max_seqlen)
         signature = {t: f"*{name}" for t in ("q", "k", "v", "o")} | {"plan": "*i32", "qk_scale": "fp32"}
         signature |= {s: "i32" for s in strides}
         cases.append(

@@ -18,10 +18,11 @@ from compiling every shipped config for sm_90 and sm_80, see :func:`compile_case
   splits the same 128x256 budget into two 128x128 accumulators (gate and up) fed by one x tile,
   3 stages of three 16 KiB tiles (144 KiB, 174 registers). When a launch would give fewer tiles
   than SMs (few tokens, e.g. one 448x448 image) the launcher steps down to 128x128 and then 64x128
-  tiles: a half-empty GPU costs more than the smaller tiles' lower arithmetic intensity. Ampere
-  (sm_80 and the other non-Hopper GPUs) uses 128x256x32 / 128x128x32 rings of at most 48 KiB, which
-  also fit the ~100 KiB of sm_86/sm_89. float32 inputs take an exact (IEEE) FMA path with 64x64
-  tiles: it exists for parity with the float32 reference, not for speed.
+  tiles: a half-empty GPU costs more than the smaller tiles' lower arithmetic intensity. sm_100 has
+  Hopper's shared memory and takes the same tiles. Ampere (sm_80) and the other GPUs use 128x256x32
+  / 128x128x32 rings of at most 48 KiB, which also fit the ~100 KiB of sm_86/89/120. float32
+  inputs take an exact (IEEE) FMA path with 64x64 tiles: it exists for parity with the float32
+  reference, not for speed.
 * Epilogue in two column halves for 256-wide tiles: a whole 128x256 tile's residual tile, output
   addresses and erf temporaries on top of the accumulator need ~300 registers and spilled; one half
   at a time fits in 255.
@@ -45,8 +46,8 @@ bfloat16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bfloat16 is refused
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -54,16 +55,20 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from penguin_kernels._checks import (
-    as_rows,
-    check_float,
+    ShapeCache,
+    check_bias,
     check_inference,
-    check_like,
+    check_input,
+    check_residual,
+    check_weight,
     dot_precision,
-    interpreter_active,
+    runnable,
+    signature,
 )
-from penguin_kernels._compile import CompileCase
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import Device, describe_arch, device_info
 
-__all__ = ["linear", "gate_up_swiglu", "compile_cases"]
+__all__ = ["GemmPlan", "Tile", "linear", "gate_up_swiglu", "launch_gemm", "plan_gemm", "select_tile", "compile_cases"]
 
 
 @triton.jit
@@ -193,11 +198,14 @@ class Tile:
     split_epilogue: bool = False
 
 
-# Largest first; the launcher takes the first that still gives every SM a tile.
-_HOPPER = (Tile(128, 256, 64, 8, 3, split_epilogue=True), Tile(128, 128, 64, 8, 4), Tile(64, 128, 64, 4, 4))
-_HOPPER_SWIGLU = (Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4))
-_AMPERE = (Tile(128, 256, 32, 8, 3, split_epilogue=True), Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 4))
-_AMPERE_SWIGLU = (Tile(128, 64, 32, 4, 4), Tile(64, 64, 32, 4, 4))
+# (tile set, swiglu) -> tiles, largest first; the launcher takes the first that still gives every SM
+# a tile. Tile set 90 (``Device.tile_arch``): sm_90 and sm_100; 80: every other GPU.
+_TILES = {
+    (90, False): (Tile(128, 256, 64, 8, 3, split_epilogue=True), Tile(128, 128, 64, 8, 4), Tile(64, 128, 64, 4, 4)),
+    (90, True): (Tile(128, 128, 64, 8, 3), Tile(64, 128, 64, 4, 4)),
+    (80, False): (Tile(128, 256, 32, 8, 3, split_epilogue=True), Tile(128, 128, 32, 8, 4), Tile(64, 64, 32, 4, 4)),
+    (80, True): (Tile(128, 64, 32, 4, 4), Tile(64, 64, 32, 4, 4)),
+}
 _FP32 = (Tile(64, 64, 32, 4, 3),)
 # The interpreter runs each program in Python: few, large tiles are fastest there. A small group
 # keeps the grouped order's ragged last group under test, and the split epilogue of the large GPU
@@ -206,34 +214,68 @@ _INTERPRETER = Tile(32, 64, 64, 1, 1, group_m=4, split_epilogue=True)
 _INTERPRETER_SWIGLU = Tile(32, 64, 64, 1, 1, group_m=4)
 
 
-@functools.cache
-def _device_info(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.major, props.multi_processor_count
+def _tiles(dtype: torch.dtype, tile_arch: int, swiglu: bool) -> tuple[Tile, ...]:
+    return _FP32 if dtype == torch.float32 else _TILES[tile_arch, swiglu]
 
 
-def _tiles(dtype: torch.dtype, arch: int, swiglu: bool) -> tuple[Tile, ...]:
-    if dtype == torch.float32:
-        return _FP32
-    if arch in (90, 100):
-        return _HOPPER_SWIGLU if swiglu else _HOPPER
-    return _AMPERE_SWIGLU if swiglu else _AMPERE
-
-
-def _pick_tile(x: torch.Tensor, m: int, n: int, k: int, swiglu: bool) -> Tile:
-    if interpreter_active():
+def select_tile(device: Device, dtype: torch.dtype, m: int, n: int, k: int, swiglu: bool) -> Tile:
+    """The shipped tile for an ``[m, k] x [k, n]`` product (``n``: the output width) on ``device``."""
+    if device.tile_arch is None:
         return _INTERPRETER_SWIGLU if swiglu else _INTERPRETER
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    major, n_sm = _device_info(index)
-    tiles = _tiles(x.dtype, 10 * major, swiglu)
+    tiles = _tiles(dtype, device.tile_arch, swiglu)
     if k % 16 and len(tiles) > 1:
         # Loads masked at a K that is not a multiple of 16 are scalar and unpipelined; the largest
         # tile then runs out of registers for their addresses.
         tiles = tiles[1:]
     for tile in tiles:
-        if triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn) >= n_sm:
+        if -(-m // tile.bm) * -(-n // tile.bn) >= device.sm_count:
             return tile
     return tiles[-1]
+
+
+class GemmPlan(NamedTuple):
+    """One launch of :func:`_gemm_kernel`, worked out from the operands' metadata."""
+
+    m: int
+    n: int
+    k: int
+    stride_xm: int
+    stride_rm: int
+    out_shape: tuple[int, ...]
+    grid: tuple[int]
+    tile: Tile
+    even_k: bool
+    precision: str
+
+
+def plan_gemm(
+    device: Device,
+    dtype: torch.dtype,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    stride_xm: int,
+    stride_rm: int,
+    out_shape: tuple[int, ...],
+    swiglu: bool,
+    tile: Tile | None,
+) -> GemmPlan:
+    """The launch for validated ``[m, k]`` rows (row stride ``stride_xm``) into ``n`` output columns."""
+    if tile is None:
+        tile = select_tile(device, dtype, m, n, k, swiglu)
+    return GemmPlan(
+        m=m,
+        n=n,
+        k=k,
+        stride_xm=stride_xm,
+        stride_rm=stride_rm,
+        out_shape=out_shape,
+        grid=(-(-m // tile.bm) * -(-n // tile.bn),),
+        tile=tile,
+        even_k=k % tile.bk == 0,
+        precision=dot_precision(dtype),
+    )
 
 
 def launch_gemm(
@@ -241,37 +283,38 @@ def launch_gemm(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
+    plan: GemmPlan,
     *,
     gelu: bool = False,
     swiglu: bool = False,
 ) -> torch.Tensor:
-    """Launch on validated ``x [M, K]`` rows, ``weight [N or 2N, K]``; returns a new ``[M, N]``."""
-    m, k = x.shape
-    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
+    """Launch ``plan`` on validated operands; returns a new ``plan.out_shape`` tensor.
+
+    ``x`` and ``residual`` are passed whole: the kernel reads their rows through the planned strides.
+    """
+    y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+    if plan.m == 0:
         return y
-    tile = _pick_tile(x, m, n, k, swiglu)
-    grid = (triton.cdiv(m, tile.bm) * triton.cdiv(n, tile.bn),)
-    wrap_triton(_gemm_kernel)[grid](
+    tile = plan.tile
+    wrap_triton(_gemm_kernel)[plan.grid](
         x,
         weight,
         x if bias is None else bias,
         x if residual is None else residual,
         y,
-        m,
-        n,
-        k,
-        x.stride(0),
+        plan.m,
+        plan.n,
+        plan.k,
+        plan.stride_xm,
         weight.stride(0),
-        0 if residual is None else residual.stride(0),
-        y.stride(0),
+        plan.stride_rm,
+        plan.n,
         HAS_BIAS=bias is not None,
         GELU=gelu,
         SWIGLU=swiglu,
         HAS_RESIDUAL=residual is not None,
-        EVEN_K=k % tile.bk == 0,
-        DOT_PRECISION=dot_precision(x.dtype),
+        EVEN_K=plan.even_k,
+        DOT_PRECISION=plan.precision,
         SPLIT_EPILOGUE=tile.split_epilogue,
         BM=tile.bm,
         BN=tile.bn,
@@ -283,6 +326,66 @@ def launch_gemm(
     return y
 
 
+def _build_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+    tile: Tile | None,
+) -> GemmPlan:
+    """Check the operands of :func:`linear` (or :func:`gate_up_swiglu`) and plan the launch."""
+    rows = check_input(x)
+    name = "w_gate_up" if swiglu else "weight"
+    check_weight(weight, name, x, x.shape[-1], f"x (shape {tuple(x.shape)})")
+    n = weight.shape[0]
+    if swiglu:
+        if n % 2:
+            raise ValueError(f"w_gate_up must stack gate and up rows [2I, K]; got {n} rows")
+        n //= 2
+    if bias is not None:
+        check_bias(bias, "bias", x, n)
+    out_shape = (*x.shape[:-1], n)
+    res_rows = None if residual is None else check_residual(residual, x, out_shape)
+    return plan_gemm(
+        device_info(x.device),
+        x.dtype,
+        *rows.shape,
+        n,
+        stride_xm=rows.stride(0),
+        stride_rm=0 if res_rows is None else res_rows.stride(0),
+        out_shape=out_shape,
+        swiglu=swiglu,
+        tile=tile,
+    )
+
+
+_PLANS = ShapeCache(_build_linear)
+
+
+def _plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+    tile: Tile | None,
+) -> GemmPlan:
+    try:
+        key = (
+            signature(x),
+            runnable(x),
+            signature(weight),
+            bias is None or signature(bias),
+            residual is None or signature(residual),
+            swiglu,
+            tile,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        return _build_linear(x, weight, bias, residual, swiglu, tile)
+    return _PLANS.get(key, x, weight, bias, residual, swiglu, tile)
+
+
 @triton_op("penguin::linear", mutates_args=())
 def _linear_op(
     x: torch.Tensor,
@@ -291,63 +394,12 @@ def _linear_op(
     residual: torch.Tensor | None,
     gelu: bool,
 ) -> torch.Tensor:
-    rows = x.view(-1, x.shape[-1])
-    res = None if residual is None else residual.view(-1, residual.shape[-1])
-    y = launch_gemm(rows, weight, bias, res, gelu=gelu)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, None), gelu=gelu)
 
 
 @triton_op("penguin::gate_up_swiglu", mutates_args=())
 def _gate_up_swiglu_op(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
-    y = launch_gemm(x.view(-1, x.shape[-1]), w_gate_up, None, None, swiglu=True)
-    return y.view(*x.shape[:-1], w_gate_up.shape[0] // 2)
-
-
-def check_weight(weight: object, name: str, x: torch.Tensor, in_features: int, source: str = "x") -> torch.Tensor:
-    """``weight`` is an ``nn.Linear`` weight ``[out, in_features]`` like ``x``, rows unit-strided."""
-    check_like(weight, name, x, "x")
-    if weight.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{name} has no output features (shape {tuple(weight.shape)})")
-    if weight.shape[1] != in_features:
-        raise ValueError(f"{name} has {weight.shape[1]} input features but {source} has {in_features}")
-    if in_features > 1 and weight.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (strides {weight.stride()})")
-    return weight
-
-
-def check_bias(bias: object, name: str, x: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``bias`` is ``[out_features]``, contiguous, like ``x``."""
-    check_like(bias, name, x, "x")
-    if tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{name} has shape {tuple(bias.shape)}, expected ({out_features},)")
-    if out_features > 1 and bias.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous")
-    return bias
-
-
-def check_input(x: object, name: str = "x") -> torch.Tensor:
-    """``x [..., K]`` with ``K >= 1`` whose rows are addressable with one stride."""
-    check_float(x, name)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        raise NotImplementedError(
-            f"{name} is bfloat16 on the CPU: Triton's interpreter computes bfloat16 tl.dot wrongly; "
-            "use float16/float32 there, or a CUDA device"
-        )
-    as_rows(x, name)
-    return x
-
-
-def check_residual(residual: object, x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
-    """``residual`` has the output's shape, the input's dtype and device, and addressable rows."""
-    check_like(residual, "residual", x, "x")
-    if tuple(residual.shape) != out_shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output shape {out_shape}")
-    as_rows(residual, "residual")
-    return residual
+    return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, None), swiglu=True)
 
 
 def linear(
@@ -357,6 +409,7 @@ def linear(
     *,
     gelu: bool = False,
     residual: torch.Tensor | None = None,
+    config: Tile | None = None,
 ) -> torch.Tensor:
     """``y = act(x @ weight^T + bias) + residual`` in one kernel, ``act`` = erf GELU when ``gelu``.
 
@@ -367,37 +420,43 @@ def linear(
         bias: optional ``[N]``.
         gelu: apply the exact (erf) GELU after the bias.
         residual: optional ``[..., N]`` added last, e.g. the residual stream of a transformer block.
+        config: a tile in place of the shipped one (:func:`select_tile`), for tuning; the launch then
+            runs outside the registered op.
 
     Returns:
         ``[..., N]`` in the dtype of ``x``; accumulation and the epilogue run in float32.
     """
-    check_input(x)
-    check_weight(weight, "weight", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    out_shape = (*x.shape[:-1], weight.shape[0])
-    if bias is not None:
-        check_bias(bias, "bias", x, weight.shape[0])
-    if residual is not None:
-        check_residual(residual, x, out_shape)
-    check_inference(x=x, weight=weight, bias=bias, residual=residual)
-    return _linear_op(x, weight, bias, residual, bool(gelu))
+    if torch.is_grad_enabled():
+        check_inference(x=x, weight=weight, bias=bias, residual=residual)
+    if config is not None:
+        return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, config), gelu=bool(gelu))
+    try:
+        return _linear_op(x, weight, bias, residual, bool(gelu))
+    except RuntimeError:
+        _build_linear(x, weight, bias, residual, False, None)  # names an argument the op's schema refused
+        raise
 
 
-def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, config: Tile | None = None) -> torch.Tensor:
     """``silu(x Wg^T) * (x Wu^T)`` for ``w_gate_up = cat([Wg, Wu])`` in one kernel.
 
     Args:
         x: ``[..., K]`` float16/bfloat16/float32, contiguous in the last dim (row slices allowed).
         w_gate_up: ``[2I, K]``: the gate rows, then the up rows.
+        config: a tile in place of the shipped one (:func:`select_tile`), for tuning.
 
     Returns:
         ``[..., I]`` in the dtype of ``x``; neither ``x Wg^T`` nor ``x Wu^T`` is rounded or stored.
     """
-    check_input(x)
-    check_weight(w_gate_up, "w_gate_up", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    if w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must stack gate and up rows [2I, K]; got {w_gate_up.shape[0]} rows")
-    check_inference(x=x, w_gate_up=w_gate_up)
-    return _gate_up_swiglu_op(x, w_gate_up)
+    if torch.is_grad_enabled():
+        check_inference(x=x, w_gate_up=w_gate_up)
+    if config is not None:
+        return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, config), swiglu=True)
+    try:
+        return _gate_up_swiglu_op(x, w_gate_up)
+    except RuntimeError:
+        _build_linear(x, w_gate_up, None, None, True, None)  # names an argument the op's schema refused
+        raise
 
 
 _SIGNATURE_INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")
@@ -437,14 +496,15 @@ def gemm_case(
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """Every tile shipped for ``sm_<arch>`` with its heaviest epilogues, in bf16 (fp16 compiles alike)."""
+    tile_arch = describe_arch(arch).tile_arch
     cases = []
-    for tile in _tiles(torch.bfloat16, arch, swiglu=False):
+    for tile in _tiles(torch.bfloat16, tile_arch, swiglu=False):
         size = f"{tile.bm}x{tile.bn}x{tile.bk}"
         cases.append(gemm_case(f"bias+residual {size}", tile, "bf16", HAS_BIAS=True, HAS_RESIDUAL=True))
         cases.append(gemm_case(f"bias+gelu ragged-K {size}", tile, "bf16", even_k=False, HAS_BIAS=True, GELU=True))
-    for tile in _tiles(torch.bfloat16, arch, swiglu=True):
+    for tile in _tiles(torch.bfloat16, tile_arch, swiglu=True):
         cases.append(gemm_case(f"swiglu {tile.bm}x{tile.bn}x{tile.bk}", tile, "bf16", SWIGLU=True))
-    tile = _tiles(torch.bfloat16, arch, swiglu=False)[1]
+    tile = _tiles(torch.bfloat16, tile_arch, swiglu=False)[1]
     cases.append(gemm_case("bias K=588 (unaligned)", tile, "bf16", k_aligned=False, HAS_BIAS=True))
     cases.append(gemm_case("fp32 all", _FP32[0], "fp32", even_k=False, HAS_BIAS=True, GELU=True, HAS_RESIDUAL=True))
     return cases

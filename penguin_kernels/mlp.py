@@ -40,38 +40,149 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from penguin_kernels._checks import check_inference
-from penguin_kernels._compile import CompileCase
-from penguin_kernels.gemm import check_bias, check_input, check_residual, check_weight, launch_gemm
+from penguin_kernels._checks import (
+    ShapeCache,
+    check_bias,
+    check_inference,
+    check_input,
+    check_residual,
+    check_weight,
+    runnable,
+    signature,
+)
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import device_info
+from penguin_kernels.gemm import GemmPlan, Tile, launch_gemm, plan_gemm
 
-__all__ = ["swiglu_mlp", "projector_mlp", "compile_cases"]
+__all__ = ["MlpTiles", "swiglu_mlp", "projector_mlp", "compile_cases"]
+
+
+# The tiles of the two GEMMs, in call order; ``None`` takes the shipped choice for both.
+MlpTiles = tuple[Tile, Tile]
+
+
+def _build_plans(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+    tiles: MlpTiles | None,
+) -> tuple[GemmPlan, GemmPlan]:
+    """Check the operands of either MLP (errors name the one at fault) and plan both launches."""
+    rows = check_input(x)
+    source = f"x (shape {tuple(x.shape)})"
+    if swiglu:
+        check_weight(w1, "w_gate_up", x, x.shape[-1], source)
+        if w1.shape[0] % 2:
+            raise ValueError(f"w_gate_up must stack gate and up rows [2I, D]; got {w1.shape[0]} rows")
+        inter = w1.shape[0] // 2
+        check_weight(w2, "w_down", x, inter, f"the SwiGLU product (I = {inter})")
+    else:
+        check_weight(w1, "w1", x, x.shape[-1], source)
+        inter = w1.shape[0]
+        check_bias(b1, "b1", x, inter)
+        check_weight(w2, "w2", x, inter, "w1 (its out_features)")
+        check_bias(b2, "b2", x, w2.shape[0])
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    res_rows = None if residual is None else check_residual(residual, x, out_shape)
+    first_tile, second_tile = tiles or (None, None)
+    device, (m, k) = device_info(x.device), rows.shape
+    first = plan_gemm(
+        device,
+        x.dtype,
+        m,
+        k,
+        inter,
+        stride_xm=rows.stride(0),
+        stride_rm=0,
+        out_shape=(m, inter),
+        swiglu=swiglu,
+        tile=first_tile,
+    )
+    second = plan_gemm(
+        device,
+        x.dtype,
+        m,
+        inter,
+        w2.shape[0],
+        stride_xm=inter,
+        stride_rm=0 if res_rows is None else res_rows.stride(0),
+        out_shape=out_shape,
+        swiglu=False,
+        tile=second_tile,
+    )
+    return first, second
+
+
+_PLANS = ShapeCache(_build_plans)
+
+
+def _plans(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    swiglu: bool,
+    tiles: MlpTiles | None,
+) -> tuple[GemmPlan, GemmPlan]:
+    args = (x, w1, b1, w2, b2, residual, swiglu, tiles)
+    try:
+        key = (
+            signature(x),
+            runnable(x),
+            signature(w1),
+            b1 is None or signature(b1),
+            signature(w2),
+            b2 is None or signature(b2),
+            residual is None or signature(residual),
+            swiglu,
+            tiles,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        return _build_plans(*args)
+    return _PLANS.get(key, *args)
+
+
+def _swiglu_mlp(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None,
+    plans: tuple[GemmPlan, GemmPlan],
+) -> torch.Tensor:
+    h = launch_gemm(x, w_gate_up, None, None, plans[0], swiglu=True)
+    return launch_gemm(h, w_down, None, residual, plans[1])
+
+
+def _projector_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    plans: tuple[GemmPlan, GemmPlan],
+) -> torch.Tensor:
+    h = launch_gemm(x, w1, b1, None, plans[0], gelu=True)
+    return launch_gemm(h, w2, b2, None, plans[1])
 
 
 @triton_op("penguin::swiglu_mlp", mutates_args=())
 def _swiglu_mlp_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None
 ) -> torch.Tensor:
-    rows = x.view(-1, x.shape[-1])
-    h = launch_gemm(rows, w_gate_up, None, None, swiglu=True)
-    res = None if residual is None else residual.view(-1, residual.shape[-1])
-    y = launch_gemm(h, w_down, None, res)
-    return y.view(*x.shape[:-1], w_down.shape[0])
+    return _swiglu_mlp(x, w_gate_up, w_down, residual, _plans(x, w_gate_up, None, w_down, None, residual, True, None))
 
 
 @triton_op("penguin::projector_mlp", mutates_args=())
 def _projector_mlp_op(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
-    h = launch_gemm(x.view(-1, x.shape[-1]), w1, b1, None, gelu=True)
-    y = launch_gemm(h, w2, b2, None)
-    return y.view(*x.shape[:-1], w2.shape[0])
-
-
-def _check_gate_up(w_gate_up: object, x: torch.Tensor) -> int:
-    check_weight(w_gate_up, "w_gate_up", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    if w_gate_up.shape[0] % 2:
-        raise ValueError(f"w_gate_up must stack gate and up rows [2I, D]; got {w_gate_up.shape[0]} rows")
-    return w_gate_up.shape[0] // 2
+    return _projector_mlp(x, w1, b1, w2, b2, _plans(x, w1, b1, w2, b2, None, False, None))
 
 
 def swiglu_mlp(
@@ -79,6 +190,8 @@ def swiglu_mlp(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None = None,
+    *,
+    config: MlpTiles | None = None,
 ) -> torch.Tensor:
     """``(silu(x Wg^T) * (x Wu^T)) Wd^T (+ residual)`` in two kernels.
 
@@ -87,22 +200,34 @@ def swiglu_mlp(
         w_gate_up: ``[2I, D]`` = ``cat([Wg, Wu])``.
         w_down: ``[D_out, I]``.
         residual: optional ``[..., D_out]``, added in the down projection's epilogue.
+        config: ``(gate/up tile, down tile)`` in place of the shipped ones, for tuning; the launches
+            then run outside the registered op.
 
     Returns:
         ``[..., D_out]`` in the dtype of ``x``. The ``[..., I]`` SwiGLU product is the only
         intermediate, rounded once to the dtype of ``x``.
     """
-    check_input(x)
-    inter = _check_gate_up(w_gate_up, x)
-    check_weight(w_down, "w_down", x, inter, f"the SwiGLU product (I = {inter})")
-    if residual is not None:
-        check_residual(residual, x, (*x.shape[:-1], w_down.shape[0]))
-    check_inference(x=x, w_gate_up=w_gate_up, w_down=w_down, residual=residual)
-    return _swiglu_mlp_op(x, w_gate_up, w_down, residual)
+    if torch.is_grad_enabled():
+        check_inference(x=x, w_gate_up=w_gate_up, w_down=w_down, residual=residual)
+    if config is not None:
+        return _swiglu_mlp(
+            x, w_gate_up, w_down, residual, _plans(x, w_gate_up, None, w_down, None, residual, True, config)
+        )
+    try:
+        return _swiglu_mlp_op(x, w_gate_up, w_down, residual)
+    except RuntimeError:
+        _build_plans(x, w_gate_up, None, w_down, None, residual, True, None)  # names an argument the schema refused
+        raise
 
 
 def projector_mlp(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    config: MlpTiles | None = None,
 ) -> torch.Tensor:
     """Penguin-VL's projector ``gelu(x W1^T + b1) W2^T + b2`` (exact erf GELU) in two kernels.
 
@@ -110,17 +235,20 @@ def projector_mlp(
         x: ``[..., D]`` float16/bfloat16/float32 encoder features, contiguous in the last dim.
         w1: ``[H, D]``, b1: ``[H]``; w2: ``[H_out, H]``, b2: ``[H_out]`` (``D = 1024``,
             ``H = H_out = 2048`` for Penguin-VL-2B, 4096 for 8B).
+        config: ``(first tile, second tile)`` in place of the shipped ones, for tuning.
 
     Returns:
         ``[..., H_out]`` in the dtype of ``x``; ``gelu(x W1^T + b1)`` is rounded once to that dtype.
     """
-    check_input(x)
-    check_weight(w1, "w1", x, x.shape[-1], f"x (shape {tuple(x.shape)})")
-    check_bias(b1, "b1", x, w1.shape[0])
-    check_weight(w2, "w2", x, w1.shape[0], "w1 (its out_features)")
-    check_bias(b2, "b2", x, w2.shape[0])
-    check_inference(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    return _projector_mlp_op(x, w1, b1, w2, b2)
+    if torch.is_grad_enabled():
+        check_inference(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    if config is not None:
+        return _projector_mlp(x, w1, b1, w2, b2, _plans(x, w1, b1, w2, b2, None, False, config))
+    try:
+        return _projector_mlp_op(x, w1, b1, w2, b2)
+    except RuntimeError:
+        _build_plans(x, w1, b1, w2, b2, None, False, None)  # names an argument the op's schema refused
+        raise
 
 
 def compile_cases(arch: int) -> list[CompileCase]:

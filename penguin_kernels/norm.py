@@ -32,15 +32,18 @@ Performance design:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import as_rows, check_float, check_inference, check_like
-from penguin_kernels._compile import CompileCase
+from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_inference, check_like, runnable, signature
+from penguin_kernels.compile_case import CompileCase
 
-__all__ = ["rms_norm", "rms_norm_residual", "compile_cases"]
+__all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "compile_cases"]
 
 MAX_WIDTH = 32768
 
@@ -84,60 +87,40 @@ def _rms_norm_kernel(
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_d[None, :], b_y.to(y_ptr.dtype.element_ty), mask=m_x)
 
 
-def _config(d: int) -> tuple[int, int, int]:
-    """``(BM, BD, num_warps)`` for rows of width ``d``."""
+@dataclass(frozen=True)
+class NormConfig:
+    """Rows per program and warps; the row is always held whole, in a power-of-two block."""
+
+    block_m: int
+    num_warps: int
+
+
+def select_config(d: int) -> NormConfig:
+    """The shipped configuration for rows of width ``d``: ~4096 elements per program, 4 to 16 warps."""
     bd = triton.next_power_of_2(d)
     bm = max(1, min(16, 4096 // bd))
-    return bm, bd, min(16, max(4, bm * bd // 1024))
+    return NormConfig(block_m=bm, num_warps=min(16, max(4, bm * bd // 1024)))
 
 
-def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    rows = x.view(-1, x.shape[-1])
-    res = None if residual is None else residual.view(-1, residual.shape[-1])
-    m, d = rows.shape
-    y = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    s = None if residual is None else torch.empty((m, d), dtype=x.dtype, device=x.device)
-    if m > 0:
-        bm, bd, num_warps = _config(d)
-        wrap_triton(_rms_norm_kernel)[(triton.cdiv(m, bm),)](
-            rows,
-            rows if res is None else res,
-            weight,
-            y,
-            y if s is None else s,
-            m,
-            d,
-            rows.stride(0),
-            0 if res is None else res.stride(0),
-            y.stride(0),
-            0 if s is None else s.stride(0),
-            eps,
-            HAS_RESIDUAL=res is not None,
-            BM=bm,
-            BD=bd,
-            num_warps=num_warps,
-        )
-    y = y.view(x.shape)
-    return y, None if s is None else s.view(x.shape)
+class _Plan(NamedTuple):
+    """Everything a launch needs that depends only on the inputs' metadata."""
+
+    grid: tuple[int]
+    rows: int
+    width: int
+    stride_xm: int
+    stride_rm: int
+    block_m: int
+    block_d: int
+    num_warps: int
 
 
-@triton_op("penguin::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch(x, None, weight, eps)[0]
-
-
-@triton_op("penguin::rms_norm_residual", mutates_args=())
-def _rms_norm_residual_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, residual, weight, eps)
-
-
-def _check(x: object, weight: object, eps: object) -> None:
+def _build_plan(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, config: NormConfig | None
+) -> _Plan:
+    """Check ``x``, ``residual`` and ``weight`` (errors name the one at fault) and plan the launch."""
     check_float(x, "x")
-    as_rows(x, "x")
+    rows = as_rows(x, "x")
     d = x.shape[-1]
     if d == 0 or d > MAX_WIDTH:
         raise NotImplementedError(
@@ -148,11 +131,84 @@ def _check(x: object, weight: object, eps: object) -> None:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d},) to match the last dim of x")
     if d > 1 and weight.stride(0) != 1:
         raise ValueError("weight must be contiguous")
+    stride_rm = 0
+    if residual is not None:
+        check_like(residual, "residual", x, "x")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the shape of x {tuple(x.shape)}")
+        stride_rm = as_rows(residual, "residual").stride(0)
+    cfg = config or select_config(d)
+    m = rows.shape[0]
+    return _Plan(
+        grid=(-(-m // cfg.block_m),),
+        rows=m,
+        width=d,
+        stride_xm=rows.stride(0),
+        stride_rm=stride_rm,
+        block_m=cfg.block_m,
+        block_d=triton.next_power_of_2(d),
+        num_warps=cfg.num_warps,
+    )
+
+
+_PLANS = ShapeCache(_build_plan)
+
+
+def _plan(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, config: NormConfig | None) -> _Plan:
+    try:
+        key = (signature(x), runnable(x), signature(weight), residual is None or signature(residual), config)
+    except AttributeError:  # not a tensor: the checks say which
+        return _build_plan(x, residual, weight, config)
+    return _PLANS.get(key, x, residual, weight, config)
+
+
+def _launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, plan: _Plan
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # x and residual are passed whole: the kernel addresses their rows through the planned strides.
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if plan.rows > 0:
+        wrap_triton(_rms_norm_kernel)[plan.grid](
+            x,
+            x if residual is None else residual,
+            weight,
+            y,
+            y if s is None else s,
+            plan.rows,
+            plan.width,
+            plan.stride_xm,
+            plan.stride_rm,
+            plan.width,
+            0 if s is None else plan.width,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BM=plan.block_m,
+            BD=plan.block_d,
+            num_warps=plan.num_warps,
+        )
+    return y, s
+
+
+@triton_op("penguin::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch(x, None, weight, eps, _plan(x, None, weight, None))[0]
+
+
+@triton_op("penguin::rms_norm_residual", mutates_args=())
+def _rms_norm_residual_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, residual, weight, eps, _plan(x, residual, weight, None))
+
+
+def _check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return float(eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormConfig | None = None) -> torch.Tensor:
     """``weight * cast(x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32.
 
     Args:
@@ -160,17 +216,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             tensor is read in place); ``1 <= D <= 32768``.
         weight: ``[D]``, same dtype and device as ``x``.
         eps: added to the mean square.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning; the
+            launch then runs outside the registered op.
 
     Returns:
         ``[..., D]`` contiguous, dtype of ``x``.
     """
-    _check(x, weight, eps)
-    check_inference(x=x, weight=weight)
-    return _rms_norm_op(x, weight, float(eps))
+    eps = _check_eps(eps)
+    if torch.is_grad_enabled():
+        check_inference(x=x, weight=weight)
+    if config is not None:
+        return _launch(x, None, weight, eps, _plan(x, None, weight, config))[0]
+    try:
+        return _rms_norm_op(x, weight, eps)
+    except RuntimeError:
+        _build_plan(x, None, weight, None)  # names an argument the op's schema refused
+        raise
 
 
 def rms_norm_residual(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (rounded to the input dtype) and ``rms_norm(s)``, in one pass.
 
@@ -178,17 +243,21 @@ def rms_norm_residual(
         x, residual: ``[..., D]`` of the same shape, dtype and device, contiguous in the last dim.
         weight: ``[D]``.
         eps: added to the mean square.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning.
 
     Returns:
         ``(normed, s)``, both ``[..., D]`` contiguous in the dtype of ``x``.
     """
-    _check(x, weight, eps)
-    check_like(residual, "residual", x, "x")
-    if residual.shape != x.shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the shape of x {tuple(x.shape)}")
-    as_rows(residual, "residual")
-    check_inference(x=x, residual=residual, weight=weight)
-    return _rms_norm_residual_op(x, residual, weight, float(eps))
+    eps = _check_eps(eps)
+    if torch.is_grad_enabled():
+        check_inference(x=x, residual=residual, weight=weight)
+    if config is not None:
+        return _launch(x, residual, weight, eps, _plan(x, residual, weight, config))
+    try:
+        return _rms_norm_residual_op(x, residual, weight, eps)
+    except RuntimeError:
+        _build_plan(x, residual, weight, None)  # names an argument the op's schema refused
+        raise
 
 
 def compile_cases(arch: int) -> list[CompileCase]:
@@ -196,7 +265,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
     cases = []
     for dtype in ("bf16", "fp32"):
         for d in (1024, 4096):
-            bm, bd, num_warps = _config(d)
+            cfg = select_config(d)
             for residual in (False, True):
                 ptr = f"*{dtype}"
                 cases.append(
@@ -206,8 +275,8 @@ def compile_cases(arch: int) -> list[CompileCase]:
                         signature={"x_ptr": ptr, "r_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "s_ptr": ptr}
                         | dict.fromkeys(("M", "D", "stride_xm", "stride_rm", "stride_ym", "stride_sm"), "i32")
                         | {"eps": "fp32"},
-                        constexprs={"HAS_RESIDUAL": residual, "BM": bm, "BD": bd},
-                        num_warps=num_warps,
+                        constexprs={"HAS_RESIDUAL": residual, "BM": cfg.block_m, "BD": triton.next_power_of_2(d)},
+                        num_warps=cfg.num_warps,
                         num_stages=1,
                         aligned=("D", "stride_xm", "stride_rm", "stride_ym", "stride_sm"),
                     )

@@ -35,6 +35,7 @@ __all__ = [
     "rope_2d",
     "qk_norm_rope_2d",
     "varlen_attention",
+    "varlen_attention_op",
     "linear",
     "swiglu",
     "swiglu_mlp",
@@ -43,9 +44,12 @@ __all__ = [
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32."""
+    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32.
+
+    float64 inputs keep float64 statistics, so float64 runs (gradient checks) are exact.
+    """
     dtype = x.dtype
-    xf = x.float()
+    xf = x.to(torch.promote_types(dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
 
@@ -63,13 +67,20 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
-def rope_positions(grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_positions(
+    grid_sizes: torch.Tensor,
+    merge_sizes: torch.Tensor,
+    *,
+    total_tokens: int | None = None,
+    num_frames: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(row, col)`` positions and per-frame ``cu_seqlens`` for a packed batch.
 
     grid_sizes: ``[B, 3]`` integer ``(t, h, w)`` per item; merge_sizes: ``[B]``.
     Tokens of a frame are in merge-block order (``SPEC`` section 3); every frame of a clip repeats
     the positions of its first frame. Returns ``positions`` int32 ``[N, 2]`` and ``cu_seqlens`` int32
-    ``[frames + 1]``, on the device of ``grid_sizes``.
+    ``[frames + 1]``, on the device of ``grid_sizes``. ``total_tokens`` and ``num_frames`` (``sum t*h*w``
+    and ``sum t``), when given, are checked against the grid (the kernel twin trusts them on a GPU).
     """
     device = grid_sizes.device
     positions = []
@@ -81,6 +92,13 @@ def rope_positions(grid_sizes: torch.Tensor, merge_sizes: torch.Tensor) -> tuple
         pos = pos.view(h // m, m, w // m, m, 2).permute(0, 2, 1, 3, 4).reshape(h * w, 2)
         positions.append(pos.repeat(t, 1))
         seqlens += [h * w] * t
+    if total_tokens is not None or num_frames is not None:
+        hints, actual = (total_tokens, num_frames), (sum(seqlens), len(seqlens))
+        if hints != actual:
+            raise ValueError(
+                f"total_tokens={total_tokens}, num_frames={num_frames} disagree with grid_sizes "
+                f"({actual[0]} tokens in {actual[1]} frames)"
+            )
     cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32, device=device)
     if seqlens:
         cu_seqlens[1:] = torch.tensor(seqlens, device=device).cumsum(0)
@@ -158,9 +176,31 @@ def varlen_attention(
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` with weight ``[out, in]``."""
-    return F.linear(x, weight, bias)
+def varlen_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`varlen_attention` with the kernel twin's signature; ``max_seqlen`` is not needed here."""
+    return varlen_attention(q, k, v, cu_seqlens, softmax_scale)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(x @ weight.T + bias) + residual`` with weight ``[out, in]``, ``act`` the erf GELU when ``gelu``."""
+    y = F.linear(x, weight, bias)
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -51,14 +51,13 @@ Design (H100 first; numbers from ``compile_cases`` compiled for sm_90 and sm_80)
   image), the heads are split over a second grid axis; each split recomputes its angles.
 * **Offsets.** Token offsets are int64 before they meet a row stride; N * row stride may pass 2^31.
 
-:func:`rope_positions` builds the ``(row, col)`` of every token and the per-frame ``cu_seqlens`` on the
-device with a fixed number of vectorised torch ops (no loop over items or frames).
+The ``(row, col)`` of every token come from :func:`penguin_kernels.positions.rope_positions`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -66,12 +65,11 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from penguin_kernels import reference
-from penguin_kernels._checks import check_float, check_inference, check_like
+from penguin_kernels._checks import ShapeCache, check_float, check_inference, check_like, runnable, signature
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import device_info
 
-if TYPE_CHECKING:
-    from penguin_kernels._compile import CompileCase
-
-__all__ = ["qk_norm_rope_2d", "rope_positions", "compile_cases"]
+__all__ = ["RopeConfig", "qk_norm_rope_2d", "select_config", "compile_cases"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _TILE_ELEMENTS = 1024
@@ -194,26 +192,112 @@ def _qk_norm_rope_2d_kernel(
         tl.store(p_out + HD // 2, b_o2.to(dtype), mask=m_n[:, None])
 
 
-def _block_n(head_dim: int) -> int:
-    return _TILE_ELEMENTS * 2 // head_dim
+@dataclass(frozen=True)
+class RopeConfig:
+    """Tokens per program and warps of :func:`_qk_norm_rope_2d_kernel`."""
+
+    block_n: int
+    num_warps: int = _NUM_WARPS
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def select_config(head_dim: int) -> RopeConfig:
+    """The shipped configuration: half-head tiles of ``_TILE_ELEMENTS`` elements on 4 warps."""
+    return RopeConfig(block_n=_TILE_ELEMENTS * 2 // head_dim)
 
 
-def _grid(device: torch.device, n_tokens: int, n_heads: int, block_n: int) -> tuple[int, int, int]:
-    """``(token blocks, head splits, heads per program)``; heads split only if tokens cannot fill the GPU."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        # The interpreter runs programs one at a time: no split beyond what a tiny batch exercises.
-        sms = 1
-    n_blocks = triton.cdiv(n_tokens, block_n)
-    splits = min(n_heads, triton.cdiv(_PROGRAMS_PER_SM * sms, n_blocks))
-    per_program = triton.cdiv(n_heads, splits)
-    return n_blocks, triton.cdiv(n_heads, per_program), per_program
+def _grid(sms: int, n_tokens: int, n_heads: int, block_n: int) -> tuple[int, int, int]:
+    """``(token blocks, head splits, heads per program)``; heads split only if tokens cannot fill the GPU.
+
+    The interpreter counts as one SM: it runs programs one at a time, and a tiny batch still splits.
+    """
+    n_blocks = -(-n_tokens // block_n)
+    splits = min(n_heads, -(-_PROGRAMS_PER_SM * sms // max(n_blocks, 1)))
+    per_program = -(-n_heads // splits)
+    return n_blocks, -(-n_heads // per_program), per_program
+
+
+class _Plan(NamedTuple):
+    """Everything a launch needs that depends only on the inputs' metadata."""
+
+    shape_q: tuple[int, int, int]
+    shape_k: tuple[int, int, int]
+    grid: tuple[int, int]
+    per_program: int
+    strides: tuple[int, int, int, int, int, int]
+    config: RopeConfig
+
+
+def _build_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    config: RopeConfig | None,
+) -> _Plan:
+    """Check the tensors (errors name the one at fault) and plan the launch."""
+    check_float(q, "q")
+    check_like(k, "k", q, "q")
+    check_like(q_norm_weight, "q_norm_weight", q, "q")
+    check_like(k_norm_weight, "k_norm_weight", q, "q")
+    _check_heads(q, "q")
+    _check_heads(k, "k")
+    n, h, hd = q.shape
+    if k.shape[0] != n or k.shape[2] != hd:
+        raise ValueError(f"k must be [N, KV, hd] = [{n}, KV, {hd}] to match q; got {tuple(k.shape)}")
+    if hd not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(f"head_dim {hd} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    for w, name in ((q_norm_weight, "q_norm_weight"), (k_norm_weight, "k_norm_weight")):
+        if w.shape != (hd,):
+            raise ValueError(f"{name} must be [head_dim] = [{hd}]; got {tuple(w.shape)}")
+        if w.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous")
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+    if positions.dtype != torch.int32:
+        raise TypeError(f"positions must be int32; got {positions.dtype} (convert with .to(torch.int32))")
+    if positions.device != q.device:
+        raise ValueError(f"positions is on {positions.device} but q is on {q.device}; they must match")
+    if positions.shape != (n, 2):
+        raise ValueError(f"positions must be [N, 2] = [{n}, 2] (row, col); got {tuple(positions.shape)}")
+    kv = k.shape[1]
+    cfg = config or select_config(hd)
+    n_blocks, n_splits, per_program = _grid(device_info(q.device).sm_count, n, h + kv, cfg.block_n)
+    return _Plan(
+        shape_q=(n, h, hd),
+        shape_k=(n, kv, hd),
+        grid=(n_blocks, n_splits),
+        per_program=per_program,
+        strides=(q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1)),
+        config=cfg,
+    )
+
+
+_PLANS = ShapeCache(_build_plan)
+
+
+def _plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    config: RopeConfig | None,
+) -> _Plan:
+    args = (q, k, q_norm_weight, k_norm_weight, positions, config)
+    try:
+        key = (
+            signature(q),
+            runnable(q),
+            signature(k),
+            signature(q_norm_weight),
+            signature(k_norm_weight),
+            signature(positions),
+            config,
+        )
+    except AttributeError:  # not a tensor: the checks say which
+        return _build_plan(*args)
+    return _PLANS.get(key, *args)
 
 
 @triton_op("penguin::qk_norm_rope_2d", mutates_args=())
@@ -226,15 +310,26 @@ def _qk_norm_rope_2d_op(
     inv_freq: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, h, hd = q.shape
-    kv = k.shape[1]
-    q_out = torch.empty((n, h, hd), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((n, kv, hd), dtype=k.dtype, device=k.device)
+    plan = _plan(q, k, q_norm_weight, k_norm_weight, positions, None)
+    return _launch(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, eps, plan)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    eps: float,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out = torch.empty(plan.shape_q, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(plan.shape_k, dtype=q.dtype, device=q.device)
+    n, h, hd = plan.shape_q
     if n == 0:
         return q_out, k_out
-    block_n = _block_n(hd)
-    n_blocks, n_splits, per_program = _grid(q.device, n, h + kv, block_n)
-    wrap_triton(_qk_norm_rope_2d_kernel)[(n_blocks, n_splits)](
+    wrap_triton(_qk_norm_rope_2d_kernel)[plan.grid](
         q,
         k,
         q_out,
@@ -245,18 +340,13 @@ def _qk_norm_rope_2d_op(
         inv_freq,
         n,
         h,
-        kv,
-        per_program,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        positions.stride(0),
-        positions.stride(1),
+        plan.shape_k[1],
+        plan.per_program,
+        *plan.strides,
         eps,
         HD=hd,
-        BLOCK_N=block_n,
-        num_warps=_NUM_WARPS,
+        BLOCK_N=plan.config.block_n,
+        num_warps=plan.config.num_warps,
     )
     return q_out, k_out
 
@@ -294,6 +384,7 @@ def qk_norm_rope_2d(
     *,
     theta: float,
     eps: float,
+    config: RopeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k followed by the half-split 2D rotary, in one kernel.
 
@@ -309,159 +400,31 @@ def qk_norm_rope_2d(
         positions: int32 ``[N, 2]`` ``(row, col)`` per token, as :func:`rope_positions` builds them.
         theta: rotary base (``rope_theta``), positive.
         eps: RMSNorm epsilon, non-negative.
+        config: a configuration in place of the shipped one (:func:`select_config`), for tuning; the
+            launch then runs outside the registered op.
 
     ``hd`` must be a power of two from 16 to 256.
 
     Returns:
         ``(q_out [N, H, hd], k_out [N, KV, hd])``: new contiguous tensors in the dtype of ``q``.
     """
-    check_float(q, "q")
-    check_like(k, "k", q, "q")
-    check_like(q_norm_weight, "q_norm_weight", q, "q")
-    check_like(k_norm_weight, "k_norm_weight", q, "q")
-    _check_heads(q, "q")
-    _check_heads(k, "k")
-    n, _, hd = q.shape
-    if k.shape[0] != n or k.shape[2] != hd:
-        raise ValueError(f"k must be [N, KV, hd] = [{n}, KV, {hd}] to match q; got {tuple(k.shape)}")
-    if hd not in SUPPORTED_HEAD_DIMS:
-        raise NotImplementedError(f"head_dim {hd} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    for w, name in ((q_norm_weight, "q_norm_weight"), (k_norm_weight, "k_norm_weight")):
-        if w.shape != (hd,):
-            raise ValueError(f"{name} must be [head_dim] = [{hd}]; got {tuple(w.shape)}")
-        if w.stride(0) != 1:
-            raise ValueError(f"{name} must be contiguous")
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-    if positions.dtype != torch.int32:
-        raise TypeError(f"positions must be int32; got {positions.dtype} (convert with .to(torch.int32))")
-    if positions.device != q.device:
-        raise ValueError(f"positions is on {positions.device} but q is on {q.device}; they must match")
-    if positions.shape != (n, 2):
-        raise ValueError(f"positions must be [N, 2] = [{n}, 2] (row, col); got {tuple(positions.shape)}")
+    plan = _plan(q, k, q_norm_weight, k_norm_weight, positions, config)
     if not theta > 0:
         raise ValueError(f"theta must be positive; got {theta}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative; got {eps}")
-    check_inference(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
-    inv_freq = _inv_freq(hd, float(theta), q.device)
+    if torch.is_grad_enabled():
+        check_inference(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+    inv_freq = _inv_freq(plan.shape_q[2], float(theta), q.device)
+    if config is not None:
+        return _launch(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps), plan)
     return _qk_norm_rope_2d_op(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps))
-
-
-def _check_grid(grid_sizes: object, merge_sizes: object) -> None:
-    for t, name in ((grid_sizes, "grid_sizes"), (merge_sizes, "merge_sizes")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must have an integer dtype; got {t.dtype}")
-    if grid_sizes.dim() != 2 or grid_sizes.shape[1] != 3:
-        raise ValueError(f"grid_sizes must be [B, 3] (t, h, w) per item; got shape {tuple(grid_sizes.shape)}")
-    if merge_sizes.shape != (grid_sizes.shape[0],):
-        raise ValueError(
-            f"merge_sizes must be [B] = [{grid_sizes.shape[0]}], one per item; got {tuple(merge_sizes.shape)}"
-        )
-    if merge_sizes.device != grid_sizes.device:
-        raise ValueError(
-            f"merge_sizes is on {merge_sizes.device}, grid_sizes on {grid_sizes.device}; they must match",
-        )
-
-
-def _bad_items(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    m_safe = torch.where(m > 0, m, 1)
-    return (t <= 0) | (h <= 0) | (w <= 0) | (m <= 0) | (h % m_safe != 0) | (w % m_safe != 0)
-
-
-def _raise_bad_item(grid_sizes: torch.Tensor, merge_sizes: torch.Tensor, bad: torch.Tensor) -> None:
-    i = int(bad.nonzero()[0, 0])
-    (t, h, w), m = grid_sizes[i].tolist(), int(merge_sizes[i])
-    raise ValueError(
-        f"item {i}: grid_sizes (t, h, w) = ({t}, {h}, {w}) with merge_sizes {m}: t, h, w and the merge "
-        "size must be positive, and h and w multiples of the merge size"
-    )
-
-
-def rope_positions(
-    grid_sizes: torch.Tensor,
-    merge_sizes: torch.Tensor,
-    *,
-    total_tokens: int | None = None,
-    num_frames: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(row, col)`` positions and per-frame ``cu_seqlens`` of a packed batch, on the device.
-
-    Same result as :func:`penguin_kernels.reference.rope_positions`, built with a fixed number of
-    vectorised torch ops on the device of ``grid_sizes`` whatever the number of items and frames.
-
-    Args:
-        grid_sizes: ``[B, 3]`` integer ``(t, h, w)`` per item, in patches.
-        merge_sizes: ``[B]`` integer, same device; ``h`` and ``w`` must be multiples of it.
-        total_tokens: ``sum t*h*w``, if the caller knows it (e.g. from ``pixel_values.shape[0]``).
-        num_frames: ``sum t``, if the caller knows it.
-
-    Without the two hints, the values of the inputs are validated and ``N`` and the frame count read
-    back in one device-to-host copy (a sync when the inputs are on a GPU). With both hints there is no
-    sync (CUDA-graph capturable); the values are then validated only for CPU inputs, where reading them
-    is free, and on a GPU the hints and inputs are trusted: wrong ones give wrong positions, never an
-    out-of-bounds access.
-
-    Returns:
-        ``positions`` int32 ``[N, 2]`` in merge-block order (each frame of a clip repeats its first
-        frame's), ``cu_seqlens`` int32 ``[frames + 1]``.
-    """
-    _check_grid(grid_sizes, merge_sizes)
-    if (total_tokens is None) != (num_frames is None):
-        raise ValueError("pass both total_tokens and num_frames, or neither")
-    device = grid_sizes.device
-    g = grid_sizes.to(torch.int64)
-    m = merge_sizes.to(torch.int64)
-    t, h, w = g.unbind(1)
-    if total_tokens is None or device.type == "cpu":
-        bad = _bad_items(t, h, w, m)
-        n, frames, any_bad = torch.stack([(t * h * w).sum(), t.sum(), bad.any().long()]).tolist()
-        if any_bad:
-            _raise_bad_item(grid_sizes, merge_sizes, bad)
-        if total_tokens is not None and (total_tokens, num_frames) != (n, frames):
-            raise ValueError(
-                f"total_tokens={total_tokens}, num_frames={num_frames} disagree with grid_sizes "
-                f"({n} tokens in {frames} frames)"
-            )
-    else:
-        n, frames = int(total_tokens), int(num_frames)
-        if n < 0 or frames < 0:
-            raise ValueError(f"total_tokens and num_frames must be non-negative; got {n}, {frames}")
-    if n >= 2**31:
-        raise ValueError(f"{n} tokens do not fit the int32 cu_seqlens")
-    cu_seqlens = torch.zeros(frames + 1, dtype=torch.int32, device=device)
-    if n == 0 or frames == 0 or g.shape[0] == 0:
-        return torch.zeros(0, 2, dtype=torch.int32, device=device), cu_seqlens
-
-    # Every frame -> its item, by searching the running frame count; indices are clamped so that
-    # untrusted hints cannot index out of range.
-    last = g.shape[0] - 1
-    frame = torch.arange(frames, device=device)
-    item_of_frame = torch.searchsorted(t.cumsum(0), frame, right=True).clamp_(max=last)
-    frame_ends = (h * w)[item_of_frame].cumsum(0)
-    cu_seqlens[1:] = frame_ends
-
-    token = torch.arange(n, device=device)
-    frame_of_token = torch.searchsorted(frame_ends, token, right=True).clamp_(max=frames - 1)
-    local = token - (frame_ends - (h * w)[item_of_frame])[frame_of_token]
-    item = item_of_frame[frame_of_token]
-    mt = m[item]
-    cols_merged = (w // m)[item]
-    # SPEC section 3: local = block * m^2 + (row % m) * m + col % m, block = (row // m) * (w // m) + col // m
-    block, r = local // (mt * mt), local % (mt * mt)
-    row = (block // cols_merged) * mt + r // mt
-    col = (block % cols_merged) * mt + r % mt
-    return torch.stack([row, col], dim=1).to(torch.int32), cu_seqlens
 
 
 def compile_cases(arch: int) -> list[CompileCase]:
     """The shipped configs: every dtype at head dims 64 (the goldens'), 128 (released) and 256 (the
     largest per-thread footprint), and bf16 at 16 and 32 (the tallest token tiles). The config does
     not depend on ``arch``."""
-    from penguin_kernels._compile import CompileCase
-
     ints = ("n_tokens", "n_q_heads", "n_kv_heads", "heads_per_program")
     strides = ("stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_pn")
     configs = [(dtype, hd) for dtype in ("bf16", "fp16", "fp32") for hd in (64, 128, 256)]
@@ -477,7 +440,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                 fn=_qk_norm_rope_2d_kernel,
                 signature=signature,
                 # positions are [N, 2] contiguous: the column stride is 1, which Triton pins.
-                constexprs={"HD": hd, "BLOCK_N": _block_n(hd), "stride_pc": 1},
+                constexprs={"HD": hd, "BLOCK_N": select_config(hd).block_n, "stride_pc": 1},
                 num_warps=_NUM_WARPS,
                 # a fused QKV buffer's row stride and hd-wide head stride are multiples of 16
                 aligned=strides[:4],

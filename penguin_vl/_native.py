@@ -1,14 +1,14 @@
 """The compiled resize: ``csrc/resize.c`` built on first use with the system C compiler, loaded with ctypes.
 
 Triton already needs a C compiler at run time (it builds its launchers with one), so this adds no
-dependency; where none is found, or the build fails, the preprocessor falls back to its torch path
-(``penguin_vl/_resize.py``), which gives the same bits more slowly. :func:`status` says which is in use
-and why.
+dependency; where none is found, or the build fails, the preprocessor falls back to Pillow's own resize
+(see ``penguin_vl/_resize.py``), which gives the same bits more slowly. :func:`status` says which is in use
+and why; :func:`penguin_vl.processor.resize_backend` is its public face.
 
 The library is cached under ``$PENGUIN_VL_CACHE_DIR`` (default ``~/.cache/penguin_vl``), keyed by
 the source, the compiler and its flags; builds land under a temporary name and are renamed into
 place, so concurrent processes (``torchrun``) do not trip over each other. Set
-``PENGUIN_VL_NATIVE=0`` to use the torch path, ``CC`` to choose the compiler.
+``PENGUIN_VL_NATIVE=0`` to use Pillow's resize, ``CC`` to choose the compiler.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def library() -> ctypes.CDLL | None:
                 _library = _build()
                 _reason = f"compiled ({_library._name})"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _library, _reason = None, f"unavailable, using the torch path: {exc}"
+                _library, _reason = None, f"unavailable, using Pillow's resize: {exc}"
             _tried = True
     return _library
 
@@ -148,6 +148,6 @@ def library() -> ctypes.CDLL | None:
 def status() -> str:
     """Which resize the preprocessor uses, and why."""
     if not enabled():
-        return "disabled by PENGUIN_VL_NATIVE, using the torch path"
+        return "disabled by PENGUIN_VL_NATIVE, using Pillow's resize"
     library()
     return _reason

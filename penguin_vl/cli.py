@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from penguin_vl import _native
 from penguin_vl import encode as enc
 from penguin_vl.model import PenguinEncoder
-from penguin_vl.processor import ImageProcessor
+from penguin_vl.processor import ImageProcessor, resize_backend
 
 __all__ = ["main", "build_parser"]
 
@@ -284,7 +283,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
         "batch_tokens": args.batch_tokens,
-        **enc.processor_settings(processor),
+        **processor.settings.metadata(),
     }
     if args.model == enc.RANDOM:
         settings["seed"] = args.seed
@@ -335,7 +334,7 @@ def _print_summary(s: enc.Summary, setup: _EncodeSetup, args: argparse.Namespace
         f"  model   {model}",
         f"  run     {info.dtype} on {info.device}, backend {info.backend}, {s.batches} "
         f"batch{'es' if s.batches != 1 else ''} of <= {args.batch_tokens:,} patches, "
-        f"{args.workers} preprocessing threads ({'compiled' if _native.library() else 'torch-op'} resize)",
+        f"{args.workers} preprocessing threads ({resize_backend().name} resize)",
         f"  stages  load {setup.load_time:.2f} s | preprocess {s.preprocess:.2f} s (in threads; encoder waited "
         f"{s.input_wait:.2f} s) | encode {s.encode:.2f} s | write {s.write:.2f} s",
         f"  speed   {enc_rate} (encode stage)",

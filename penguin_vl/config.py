@@ -8,10 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from penguin_vl.hub import ModelNotFoundError, resolve
+
 __all__ = ["PenguinEncoderConfig", "ProjectorConfig", "find_vision_config"]
 
 ENCODER_MODEL_TYPE = "penguinvl_vision_encoder"
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Entries of a full Penguin-VL config.json that name the vision encoder by path or hub id.
+_ENCODER_PATH_KEYS = ("vision_encoder", "mm_vision_encoder")
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,10 @@ class PenguinEncoderConfig:
     def from_pretrained(cls, path: str | Path) -> PenguinEncoderConfig:
         """Read ``config.json`` in ``path`` (a directory or the file itself).
 
-        For a full Penguin-VL checkpoint whose ``config.json`` carries no vision config, a
-        sub-directory holding the encoder's own ``config.json`` is used.
+        For a full Penguin-VL checkpoint whose ``config.json`` carries no nested vision config, the
+        encoder's own ``config.json`` is read where its ``vision_encoder`` / ``mm_vision_encoder`` entry
+        points (a path relative to the checkpoint or absolute, a directory of that name inside the
+        checkpoint, or a hub id in the local Hugging Face cache), else from a sub-directory.
         """
         return cls.from_dict(_load_config_dict(Path(path)))
 
@@ -156,9 +162,34 @@ def _load_config_dict(path: Path) -> Mapping[str, Any]:
     try:
         find_vision_config(d)
         return d
-    except ValueError:
-        for sub in sorted(p for p in file.parent.iterdir() if (p / "config.json").is_file()):
-            sub_d = json.loads((sub / "config.json").read_text())
-            if _is_encoder_config(sub_d):
-                return sub_d
-        raise
+    except ValueError as error:
+        not_found = error
+    for key in _ENCODER_PATH_KEYS:
+        if isinstance(d.get(key), str):
+            return _named_encoder_config(file, key, d[key])
+    for sub in sorted(p for p in file.parent.iterdir() if (p / "config.json").is_file()):
+        sub_d = json.loads((sub / "config.json").read_text())
+        if _is_encoder_config(sub_d):
+            return sub_d
+    raise ValueError(f"{file}: {not_found} (nor a sub-directory with the encoder's config.json)")
+
+
+def _named_encoder_config(file: Path, key: str, spec: str) -> Mapping[str, Any]:
+    """The encoder config that ``config.json``'s entry ``key`` names: a directory, or a hub id in the cache."""
+    root = file.parent
+    given = Path(spec).expanduser()
+    candidates = [root / given, given, root / given.name]
+    tried = []
+    for directory in candidates:
+        if directory not in tried:
+            tried.append(directory)
+            if (directory / "config.json").is_file():
+                return find_vision_config(json.loads((directory / "config.json").read_text()))
+    try:
+        return find_vision_config(json.loads((resolve(spec) / "config.json").read_text()))
+    except ModelNotFoundError as error:
+        places = ", ".join(str(p / "config.json") for p in tried)
+        raise FileNotFoundError(
+            f"{file}: {key}={spec!r} names the vision encoder, but none of {places} exists, nor is it a "
+            f"model in the local Hugging Face cache ({error})"
+        ) from None

@@ -4,13 +4,18 @@ A checkpoint directory holds ``config.json`` and either one ``*.safetensors`` fi
 ``model.safetensors.index.json``. The encoder's tensors may sit behind a prefix (a full Penguin-VL
 checkpoint nests them, e.g. ``model.vision_encoder.``); the prefix is found from the tensor names, and
 only the tensors the encoder (and projector) need are read.
+
+Checkpoints keep the released tensor names; the model holds q/k/v and gate/up fused (one GEMM each).
+:data:`FUSED_LINEARS` is the one map between the two: :func:`fuse_linears` concatenates on load and
+:func:`split_linears` splits on save, both called from the model's state-dict hooks.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -18,10 +23,30 @@ from safetensors.torch import save_file
 
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
 
-if TYPE_CHECKING:
-    from penguin_vl.model import PenguinEncoder
+# The encoder class is passed in (loading knows the model only by its constructor and state dict).
+Model = TypeVar("Model", bound=torch.nn.Module)
 
-__all__ = ["load_encoder", "save_encoder", "checkpoint_files", "CheckpointError"]
+__all__ = [
+    "FUSED_LINEARS",
+    "fuse_linears",
+    "split_linears",
+    "load_encoder",
+    "save_encoder",
+    "checkpoint_files",
+    "CheckpointError",
+]
+
+# Fused linear of an encoder layer -> the released linears whose rows it stacks, in order, each with the
+# config field giving its row count.
+FUSED_LINEARS: dict[str, tuple[tuple[str, str], ...]] = {
+    "self_attn.qkv_proj": (
+        ("self_attn.q_proj", "q_dim"),
+        ("self_attn.k_proj", "kv_dim"),
+        ("self_attn.v_proj", "kv_dim"),
+    ),
+    "mlp.gate_up_proj": (("mlp.gate_proj", "intermediate_size"), ("mlp.up_proj", "intermediate_size")),
+}
+_LINEAR_TENSORS = ("weight", "bias")
 
 _ANCHOR = "embeddings.patch_embedding.weight"
 _PROJECTOR_ANCHOR = "vision_projector.readout.0.weight"
@@ -61,6 +86,28 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: candidates[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
 
 
+def fuse_linears(state: MutableMapping[str, torch.Tensor], prefix: str) -> None:
+    """In place: replace the released linears of the layer at ``prefix`` by their fused concatenation.
+
+    A group with some parts absent is left as it is, so the load names what is missing.
+    """
+    for fused, parts in FUSED_LINEARS.items():
+        for kind in _LINEAR_TENSORS:
+            names = [f"{prefix}{part}.{kind}" for part, _ in parts]
+            if all(name in state for name in names):
+                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(name) for name in names])
+
+
+def split_linears(state: MutableMapping[str, torch.Tensor], prefix: str, config: PenguinEncoderConfig) -> None:
+    """In place: replace the fused linears of the layer at ``prefix`` by views of their released parts."""
+    for fused, parts in FUSED_LINEARS.items():
+        for kind in _LINEAR_TENSORS:
+            name = f"{prefix}{fused}.{kind}"
+            if name in state:
+                pieces = state.pop(name).split([getattr(config, field) for _, field in parts])
+                state.update((f"{prefix}{part}.{kind}", t) for (part, _), t in zip(parts, pieces, strict=True))
+
+
 def _find_prefix(names: list[str], anchor: str, what: str) -> str | None:
     prefixes = sorted({n[: -len(anchor)] for n in names if n == anchor or n.endswith("." + anchor)})
     if len(prefixes) > 1:
@@ -73,14 +120,14 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_encoder(
-    cls: type[PenguinEncoder],
+    cls: type[Model],
     path: str | Path,
     *,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
-    backend: str,
     load_projector: bool,
-) -> PenguinEncoder:
+) -> Model:
+    """Build ``cls`` on the meta device and assign the checkpoint's tensors (read once, at ``dtype``)."""
     path = Path(path)
     if dtype is not None and dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
@@ -128,7 +175,7 @@ def load_encoder(
         raise CheckpointError(f"{path}: tensors are stored as {target}; pass dtype= one of {_DTYPES}")
     state = {k: v.to(target) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    return model.eval().set_backend(backend)
+    return model
 
 
 def _ckpt_name(model_name: str, prefix: str, proj_prefix: str | None) -> str:
@@ -169,7 +216,7 @@ def _read_tensors(
 
 
 def save_encoder(
-    model: PenguinEncoder,
+    model: torch.nn.Module,
     path: str | Path,
     *,
     prefix: str = "",
@@ -177,11 +224,12 @@ def save_encoder(
     max_shard_bytes: int | None = None,
     extra_config: dict | None = None,
 ) -> Path:
-    """Write ``config.json`` and safetensors weights for ``model`` into directory ``path``.
+    """Write ``config.json`` and safetensors weights for ``model`` (a ``PenguinEncoder``) into directory ``path``.
 
     ``prefix`` puts the encoder's tensors behind a prefix as a full Penguin-VL checkpoint does (then the
-    encoder config is nested under ``vision_encoder_config``); ``max_shard_bytes`` splits the weights into
-    shards with a ``model.safetensors.index.json``.
+    encoder config is nested under ``vision_encoder_config``, and the projector's tensors go under
+    ``projector_prefix`` beside the outermost ``vision_encoder.`` of ``prefix``); ``max_shard_bytes``
+    splits the weights into shards with a ``model.safetensors.index.json``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -194,7 +242,7 @@ def save_encoder(
     tensors = {}
     for name, t in model.state_dict().items():
         if name.startswith("projector."):
-            base = prefix.rsplit("vision_encoder.", 1)[0] if "vision_encoder." in prefix else prefix
+            base = prefix.split("vision_encoder.", 1)[0]
             tensors[base + projector_prefix + name[len("projector.") :]] = t.contiguous()
         else:
             tensors[prefix + name] = t.contiguous()

@@ -3,27 +3,68 @@
 A Qwen3 transformer made bidirectional: patch embedding -> L x (RMSNorm, GQA attention with per-head
 q/k RMSNorm and a 2D rotary, RMSNorm, SwiGLU MLP) -> RMSNorm -> per-frame merge of m x m patches.
 A batch is packed: ``pixel_values`` holds every patch of every item, frame after frame, and attention
-runs within each frame only (``cu_seqlens``). The exact computation is the plain-PyTorch path below
-(``backend="torch"``); ``backend="triton"`` runs the same math through ``penguin_kernels``.
+runs within each frame only (``cu_seqlens``).
 
-Module and parameter names mirror the checkpoint's tensor names, so a state dict loads as is.
+There is one forward. Its layers call one ops interface, chosen by the backend: ``penguin_kernels``
+(``backend="triton"``) or its plain-PyTorch twin ``penguin_kernels.reference`` (``backend="torch"``,
+the numerical truth), with identical signatures. Per layer, on ``x [N, D]``::
+
+    h    = rms_norm(x)
+    qkv  = h Wqkv^T                              one GEMM: q/k/v are one fused linear
+    q, k = qk_norm_rope_2d(qkv views)            the kernel reads the strided views in place
+    a    = varlen_attention_op(q, k, v)          every frame of every item at once, no host sync
+    x    = x + a Wo^T                            residual added in the GEMM epilogue
+    h2   = rms_norm(x)
+    x    = x + (silu(h2 Wg^T) * (h2 Wu^T)) Wd^T  SwiGLU epilogue, then residual epilogue
+
+Adding the residual in the GEMM epilogues moves four [N, D] passes per residual (GEMM read of x and
+write of the sum, norm read and write) where a separate output + fused add-and-norm would move five.
+
+q/k/v and gate/up are held fused (``qkv_proj``, ``gate_up_proj``); ``state_dict`` and
+``load_state_dict`` speak the released tensor names (:data:`penguin_vl.loading.FUSED_LINEARS`), so
+checkpoints keep them. ``forward`` builds the autograd graph whenever grad is enabled; wrap inference in
+``torch.inference_mode()``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from penguin_kernels import reference as ref
+import penguin_kernels
+from penguin_kernels import reference
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
+from penguin_vl.hub import resolve
+from penguin_vl.loading import fuse_linears, load_encoder, split_linears
 
-__all__ = ["PenguinEncoder", "PenguinProjector", "merge_tokens", "check_grid"]
+__all__ = ["PenguinEncoder", "PenguinProjector", "merge_tokens", "check_grid", "packing", "resolve_backend", "ops_for"]
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for a model on ``device``; ``"auto"`` is Triton on CUDA, else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs a CUDA model (this one is on {device}); set "
+            "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's CPU interpreter"
+        )
+    return backend
+
+
+def ops_for(backend: str) -> ModuleType:
+    """The ops interface a backend calls: the kernels, or their plain-PyTorch twins."""
+    return penguin_kernels if backend == "triton" else reference
 
 
 class RMSNorm(nn.Module):
@@ -32,8 +73,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -42,47 +83,74 @@ class Attention(nn.Module):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.theta, self.eps = c.rope_theta, c.rms_norm_eps
-        self.q_proj = nn.Linear(c.hidden_size, c.q_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.kv_dim, bias=c.attention_bias)
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_dim + 2 * c.kv_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.q_dim, c.hidden_size, bias=c.attention_bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = ref.qk_norm_rope_2d(
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        ops: ModuleType,
+    ) -> torch.Tensor:
+        """``residual + attention(h)``."""
+        n, hd = h.shape[0], self.head_dim
+        qd, kvd = self.num_heads * hd, self.num_kv_heads * hd
+        qkv = ops.linear(h, self.qkv_proj.weight, self.qkv_proj.bias)
+        q = qkv[:, :qd].view(n, self.num_heads, hd)
+        k = qkv[:, qd : qd + kvd].view(n, self.num_kv_heads, hd)
+        v = qkv[:, qd + kvd :].view(n, self.num_kv_heads, hd)
+        q, k = ops.qk_norm_rope_2d(
             q, k, self.q_norm.weight, self.k_norm.weight, positions, theta=self.theta, eps=self.eps
         )
-        a = ref.varlen_attention(q, k, v, cu_seqlens)
-        return self.o_proj(a.reshape(n, -1))
+        a = ops.varlen_attention_op(q, k, v, cu_seqlens, max_seqlen)
+        return ops.linear(a.reshape(n, qd), self.o_proj.weight, self.o_proj.bias, residual=residual)
 
 
 class MLP(nn.Module):
     def __init__(self, config: PenguinEncoderConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        """``residual + down(silu(gate(h)) * up(h))``."""
+        return ops.swiglu_mlp(h, self.gate_up_proj.weight, self.down_proj.weight, residual=residual)
 
 
 class EncoderLayer(nn.Module):
     def __init__(self, config: PenguinEncoderConfig) -> None:
         super().__init__()
+        self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.register_state_dict_post_hook(_split_fused)
+        self.register_load_state_dict_pre_hook(_fuse_released)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        ops: ModuleType,
+    ) -> torch.Tensor:
+        x = self.self_attn(self.input_layernorm(x, ops), x, positions, cu_seqlens, max_seqlen, ops)
+        return self.mlp(self.post_attention_layernorm(x, ops), x, ops)
+
+
+def _split_fused(layer: EncoderLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    split_linears(state_dict, prefix, layer.config)
+
+
+def _fuse_released(layer: EncoderLayer, state_dict: dict, prefix: str, *args: object) -> None:
+    fuse_linears(state_dict, prefix)
 
 
 class PatchEmbedding(nn.Module):
@@ -92,9 +160,9 @@ class PatchEmbedding(nn.Module):
         # A Conv2d with kernel = stride = p over one p x p patch is a linear map of the flattened patch.
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, p, stride=p)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, ops: ModuleType) -> torch.Tensor:
         w = self.patch_embedding.weight
-        return F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)
+        return ops.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1), self.patch_embedding.bias)
 
 
 class Encoder(nn.Module):
@@ -116,9 +184,9 @@ class PenguinProjector(nn.Module):
             nn.Linear(config.out_dim, config.out_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: ModuleType = reference) -> torch.Tensor:
         l1, l2 = self.readout[0], self.readout[2]
-        return ref.projector_mlp(x, l1.weight, l1.bias, l2.weight, l2.bias)
+        return ops.projector_mlp(x, l1.weight, l1.bias, l2.weight, l2.bias)
 
 
 def check_grid(
@@ -172,20 +240,47 @@ def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> tor
     return torch.cat(out) if len(out) != 1 else out[0]
 
 
+def packing(
+    ops: ModuleType,
+    grid_sizes: torch.Tensor,
+    merge_sizes: torch.Tensor,
+    items: list[tuple[int, int, int, int]],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(positions, cu_seqlens, max_seqlen)`` of a packed batch on ``device``, from the grid read once
+    on the host by :func:`check_grid` (so the device work needs no sync)."""
+    positions, cu_seqlens = ops.rope_positions(
+        grid_sizes.to(device),
+        merge_sizes.to(device),
+        total_tokens=sum(t * h * w for t, h, w, _ in items),
+        num_frames=sum(t for t, _, _, _ in items),
+    )
+    return positions, cu_seqlens, max(h * w for _, h, w, _ in items)
+
+
 class PenguinEncoder(nn.Module):
     """The Penguin-VL vision encoder on packed batches.
 
     ``forward(pixel_values [N, C*p*p], grid_sizes [B, 3], merge_sizes [B])`` returns the merged features
     ``[sum t*(h/m)*(w/m), hidden]``; with ``project=True`` they go through the projector as well.
+    ``gradient_checkpointing=True`` recomputes each layer in the backward pass instead of keeping its
+    activations (``torch.utils.checkpoint``); it is a plain attribute and may be set at any time.
     """
 
-    def __init__(self, config: PenguinEncoderConfig, projector: ProjectorConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: PenguinEncoderConfig,
+        projector: ProjectorConfig | None = None,
+        *,
+        gradient_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.embeddings = PatchEmbedding(config)
         self.encoder = Encoder(config)
         self.projector = PenguinProjector(projector) if projector is not None else None
         self.backend = "torch"
+        self.gradient_checkpointing = gradient_checkpointing
 
     @classmethod
     def from_pretrained(
@@ -201,15 +296,14 @@ class PenguinEncoder(nn.Module):
 
         ``path`` is a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
         ``model.safetensors.index.json``), or a hub id such as ``tencent/Penguin-Encoder[@revision]``
-        already in the local Hugging Face cache (nothing is downloaded). ``dtype`` defaults to the stored
-        one. ``backend``: ``"torch"`` (plain PyTorch, any device), ``"triton"`` (Triton kernels, CUDA) or
-        ``"auto"`` (Triton on CUDA, else torch).
+        already in the local Hugging Face cache (nothing is downloaded). The encoder config of a full
+        checkpoint is found nested in its ``config.json``, in a sub-directory, or where its
+        ``vision_encoder`` / ``mm_vision_encoder`` entry points. ``dtype`` defaults to the stored one.
+        ``backend``: ``"torch"`` (plain PyTorch, any device), ``"triton"`` (Triton kernels, CUDA) or
+        ``"auto"`` (Triton on CUDA, else torch). The model is returned in eval mode.
         """
-        from penguin_vl.hub import resolve
-        from penguin_vl.loading import load_encoder
-
-        directory = resolve(path)
-        return load_encoder(cls, directory, dtype=dtype, device=device, backend=backend, load_projector=load_projector)
+        model = load_encoder(cls, resolve(path), dtype=dtype, device=device, load_projector=load_projector)
+        return model.eval().set_backend(backend)
 
     @classmethod
     def from_config(
@@ -243,20 +337,7 @@ class PenguinEncoder(nn.Module):
 
     def set_backend(self, backend: str) -> PenguinEncoder:
         """Select the execution path (see :meth:`from_pretrained`); returns ``self``."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "auto":
-            backend = "triton" if self.embeddings.patch_embedding.weight.is_cuda else "torch"
-        if backend == "triton":
-            if not self.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(
-                    f"backend='triton' needs a CUDA model (this one is on {self.device}); set "
-                    "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's CPU interpreter"
-                )
-            from penguin_vl.fast import prepare_triton
-
-            prepare_triton(self)
-        self.backend = backend
+        self.backend = resolve_backend(backend, self.device)
         return self
 
     @property
@@ -267,7 +348,24 @@ class PenguinEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.embeddings.patch_embedding.weight.device
 
-    @torch.no_grad()
+    def encode_packed(
+        self, pixel_values: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """Patch embedding, every layer and the final norm: ``[N, C*p*p] -> [N, hidden]``, before the merge.
+
+        Trusts its inputs (see :func:`check_grid` and :func:`packing`) and never syncs with the host on
+        the Triton backend: this is what ``torch.compile`` and CUDA graphs wrap.
+        """
+        ops = ops_for(self.backend)
+        x = self.embeddings(pixel_values, ops)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.encoder.layers:
+            if recompute:
+                x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, ops, use_reentrant=False)
+            else:
+                x = layer(x, positions, cu_seqlens, max_seqlen, ops)
+        return self.encoder.norm(x, ops)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -279,14 +377,8 @@ class PenguinEncoder(nn.Module):
         if project and self.projector is None:
             raise ValueError("project=True needs a projector: load a full Penguin-VL checkpoint")
         items = check_grid(pixel_values, grid_sizes, merge_sizes, self.config.patch_dim)
-        pixel_values = pixel_values.to(device=self.device)
-        if self.backend == "triton":
-            from penguin_vl.fast import forward_triton
-
-            return forward_triton(self, pixel_values, grid_sizes, merge_sizes, items, project=project)
-        x = self.embeddings(pixel_values)
-        positions, cu_seqlens = ref.rope_positions(grid_sizes.to(self.device), merge_sizes.to(self.device))
-        for layer in self.encoder.layers:
-            x = layer(x, positions, cu_seqlens)
-        x = merge_tokens(self.encoder.norm(x), items)
-        return self.projector(x) if project else x
+        ops = ops_for(self.backend)
+        positions, cu_seqlens, max_seqlen = packing(ops, grid_sizes, merge_sizes, items, self.device)
+        x = self.encode_packed(pixel_values.to(self.device), positions, cu_seqlens, max_seqlen)
+        x = merge_tokens(x, items)
+        return self.projector(x, ops) if project else x

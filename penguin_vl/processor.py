@@ -4,9 +4,14 @@ The reference (``PenguinVLImageProcessor``) converts each image to RGB with PIL,
 Pillow's BICUBIC to a size that fits the token budget, rescales it through float64, normalises it
 in float32 and cuts it into ``(C, p, p)`` patch rows in merge-block order (SPEC section 3). This
 module gives the same float32 bits. PIL still does the mode conversion (cheap next to the resize);
-the resize, rescale, normalisation and patch layout run as one fused pass: a C function compiled on
-first use (:mod:`penguin_vl._native`), or torch ops strip by strip where no C compiler is found
-(:mod:`penguin_vl._resize`), with no float64 pass and no full-size float copy besides the output.
+the resize, rescale, normalisation and patch layout run as one fused pass of a C function compiled on
+first use, or, where no C compiler is found, Pillow's own resize followed by one normalise-and-patch
+step (:mod:`penguin_vl._resize`; :func:`resize_backend` says which runs), with no float64 pass and no
+full-size float copy besides the output.
+
+- :class:`ProcessorSettings` holds what determines the output (the upstream ``preprocessor_config.json``
+  keys, checked); :meth:`ImageProcessor.from_pretrained` reads them from a checkpoint and
+  :meth:`ImageProcessor.save_pretrained` writes them.
 
 - :meth:`ImageProcessor.__call__` is the reference's ``preprocess`` call: a list is sized as one
   clip, from its first image **(sic)**, with the TRA budget split between key and intermediate frames.
@@ -20,13 +25,14 @@ Inputs: PIL images of any mode PIL converts to RGB, paths to image files, and ui
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +40,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from penguin_vl._resize import Normalisation, _Workspace, resize_to_patches
-from penguin_vl.hub import resolve
-
-__all__ = ["ImageProcessor", "ProcessorOutput", "reference_preprocess", "target_sizes"]
-
-_CONFIG_NAME = "preprocessor_config.json"
-# upstream keys of preprocessor_config.json that this processor reads; the rest are ignored
-_CONFIG_KEYS = (
-    "patch_size",
-    "min_tokens",
-    "max_tokens",
-    "image_mean",
-    "image_std",
-    "rescale_factor",
-    "resample",
-    "do_resize",
-    "do_rescale",
-    "do_normalize",
-    "do_convert_rgb",
+from penguin_vl._resize import Normalisation, ResizeBackend, backend, resize_to_patches
+from penguin_vl.processor_settings import (
+    CHANNELS,
+    CONFIG_NAME,
+    RELEASED_MEAN,
+    RELEASED_STD,
+    ProcessorSettings,
+    _check_bicubic,
+    _check_fixed,
+    _positive_int,
 )
-_RELEASED_MEAN = (0.5, 0.5, 0.5)
-_RELEASED_STD = (0.5, 0.5, 0.5)
-_CHANNELS = 3
+
+__all__ = [
+    "CONFIG_NAME",
+    "ImageProcessor",
+    "ProcessorOutput",
+    "ProcessorSettings",
+    "ResizeBackend",
+    "reference_preprocess",
+    "resize_backend",
+    "target_sizes",
+]
+
 # what PIL raises on files it cannot identify or decode
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -136,24 +142,12 @@ def target_sizes(
     return [inter if f == 1 else key for f in frame_types]
 
 
-def _per_channel(value: Any, name: str) -> tuple[float, ...]:
-    values = (value,) * _CHANNELS if isinstance(value, (int, float)) else tuple(value)
-    if len(values) != _CHANNELS or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be one finite number or {_CHANNELS} of them, got {value!r}")
-    return tuple(float(v) for v in values)
+def resize_backend() -> ResizeBackend:
+    """Which resize the preprocessor runs (``.name``: ``"compiled"`` or ``"pillow"``) and why (``.reason``).
 
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_bicubic(resample: Any) -> None:
-    bicubic = int(Image.Resampling.BICUBIC)
-    ok = resample == bicubic if not isinstance(resample, str) else resample.lower() == "bicubic"
-    if isinstance(resample, bool) or not ok:
-        raise ValueError(f"resample must be BICUBIC ({bicubic} or 'bicubic'), got {resample!r}")
+    The compiled one is built on the first call where a C compiler is found; ``PENGUIN_VL_NATIVE=0``
+    switches it off. Both give the same bits."""
+    return backend()
 
 
 @dataclass
@@ -205,8 +199,8 @@ def _array_item(array: np.ndarray, where: str, allow_clip: bool, parity: bool) -
     if array.ndim not in ((3, 4) if allow_clip else (3,)):
         layout = "[H, W, 3] or a clip [T, H, W, 3]" if allow_clip else "[H, W, 3]"
         raise ValueError(f"{where}: arrays must be {layout}, got shape {list(array.shape)}")
-    if array.shape[-1] != _CHANNELS:
-        raise ValueError(f"{where}: expected {_CHANNELS} channels (RGB, channels last), got shape {list(array.shape)}")
+    if array.shape[-1] != CHANNELS:
+        raise ValueError(f"{where}: expected {CHANNELS} channels (RGB, channels last), got shape {list(array.shape)}")
     if parity and array.shape[-3] in (1, 3):
         # the reference guesses the layout and reads a height of 1 or 3 as a channel axis
         raise ValueError(
@@ -266,13 +260,22 @@ def _frames(pixels: np.ndarray) -> Iterator[np.ndarray]:
 class ImageProcessor:
     """Penguin-VL's image and video preprocessor (SPEC section 5), bit-exact with the reference.
 
-    Settings use the upstream names and default to the released ones: ``patch_size`` 14,
-    ``min_tokens`` 16 and ``max_tokens`` 16384 (per image or frame, in ``patch_size``-pixel patches),
-    ``image_mean`` and ``image_std`` 0.5, ``rescale_factor`` 1/255, BICUBIC, RGB. ``do_rescale`` and
-    ``do_normalize`` may be switched off; ``do_resize`` and ``do_convert_rgb`` must stay on.
-    ``num_threads`` > 1 processes items (and frames) on a thread pool of that size, each pool
-    thread running torch ops on one thread; the caller's torch thread settings are left as they were.
+    The keyword settings are those of :class:`ProcessorSettings` (upstream names, released defaults),
+    plus the upstream ``resample``, ``do_resize`` and ``do_convert_rgb``, which must stay BICUBIC and on;
+    :attr:`settings` holds them. ``num_threads`` > 1 processes items (and frames) on a thread pool of
+    that size, each pool thread running torch ops on one thread; the caller's torch thread settings
+    are left as they were.
     """
+
+    # read through the settings, which are the one place they are kept and checked
+    patch_size = property(attrgetter("settings.patch_size"))
+    min_tokens = property(attrgetter("settings.min_tokens"))
+    max_tokens = property(attrgetter("settings.max_tokens"))
+    image_mean = property(attrgetter("settings.image_mean"))
+    image_std = property(attrgetter("settings.image_std"))
+    rescale_factor = property(attrgetter("settings.rescale_factor"))
+    do_rescale = property(attrgetter("settings.do_rescale"))
+    do_normalize = property(attrgetter("settings.do_normalize"))
 
     def __init__(
         self,
@@ -280,8 +283,8 @@ class ImageProcessor:
         patch_size: int = 14,
         min_tokens: int = 16,
         max_tokens: int = 16384,
-        image_mean: float | Sequence[float] = _RELEASED_MEAN,
-        image_std: float | Sequence[float] = _RELEASED_STD,
+        image_mean: float | Sequence[float] = RELEASED_MEAN,
+        image_std: float | Sequence[float] = RELEASED_STD,
         rescale_factor: float = 1 / 255,
         resample: int | str = "bicubic",
         do_resize: bool = True,
@@ -290,66 +293,50 @@ class ImageProcessor:
         do_convert_rgb: bool = True,
         num_threads: int = 1,
     ):
-        self.patch_size = _positive_int(patch_size, "patch_size")
-        self.min_tokens = _positive_int(min_tokens, "min_tokens", minimum=0)
-        self.max_tokens = _positive_int(max_tokens, "max_tokens")
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} > max_tokens={self.max_tokens}: no size meets both budgets")
-        self.image_mean = _per_channel(image_mean, "image_mean")
-        self.image_std = _per_channel(image_std, "image_std")
-        if 0.0 in self.image_std:
-            raise ValueError(f"image_std must be nonzero, got {self.image_std}")
-        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)):
-            raise ValueError(f"rescale_factor must be a number, got {rescale_factor!r}")
-        if not (math.isfinite(rescale_factor) and rescale_factor > 0):
-            raise ValueError(f"rescale_factor must be finite and positive, got {rescale_factor!r}")
-        self.rescale_factor = float(rescale_factor)
         _check_bicubic(resample)
-        for name, value in (("do_resize", do_resize), ("do_convert_rgb", do_convert_rgb)):
-            if value is not True:
-                raise ValueError(f"{name}={value!r} is not supported: the encoder expects resized RGB images")
-        for name, value in (("do_rescale", do_rescale), ("do_normalize", do_normalize)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
-        self.do_rescale, self.do_normalize = do_rescale, do_normalize
+        _check_fixed("do_resize", do_resize)
+        _check_fixed("do_convert_rgb", do_convert_rgb)
+        self.settings = ProcessorSettings(
+            patch_size, min_tokens, max_tokens, image_mean, image_std, rescale_factor, do_rescale, do_normalize
+        )
         self.num_threads = _positive_int(num_threads, "num_threads")
-        self._spare: list[_Workspace] = []
         self._norm = Normalisation(
             self.rescale_factor if do_rescale else 1.0,
-            self.image_mean if do_normalize else (0.0,) * _CHANNELS,
-            self.image_std if do_normalize else (1.0,) * _CHANNELS,
+            self.image_mean if do_normalize else (0.0,) * CHANNELS,
+            self.image_std if do_normalize else (1.0,) * CHANNELS,
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, num_threads: int = 1) -> ImageProcessor:
-        """Read ``preprocessor_config.json`` (upstream keys) from a checkpoint directory, that file itself, or a
-        hub id in the local Hugging Face cache (nothing is downloaded).
+    def from_settings(cls, settings: ProcessorSettings, *, num_threads: int = 1) -> ImageProcessor:
+        """A processor with these settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}, num_threads=num_threads)
 
-        Missing keys take the released values; keys this processor does not use are ignored; the
-        values of the keys it uses are checked as in the constructor.
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        min_tokens: int | None = None,
+        max_tokens: int | None = None,
+        num_threads: int = 1,
+    ) -> ImageProcessor:
+        """Read ``preprocessor_config.json`` (upstream keys) from a checkpoint directory, that file itself, or a
+        hub id in the local Hugging Face cache (nothing is downloaded); see :meth:`ProcessorSettings.from_config`.
+
+        ``min_tokens`` / ``max_tokens``, where given, replace the file's token budget.
         """
-        file = Path(path).expanduser()
-        if not file.exists():
-            file = resolve(path, needs=_CONFIG_NAME)
-        if file.is_dir():
-            file = file / _CONFIG_NAME
-        try:
-            config = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {_CONFIG_NAME} at {os.fspath(path)!r}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.fspath(file)!r} is not valid JSON: {e}") from e
-        if not isinstance(config, dict):
-            raise ValueError(f"{os.fspath(file)!r} must hold a JSON object, got {type(config).__name__}")
-        return cls(**{k: config[k] for k in _CONFIG_KEYS if k in config}, num_threads=num_threads)
+        settings = ProcessorSettings.from_pretrained(path).with_budget(min_tokens, max_tokens)
+        return cls.from_settings(settings, num_threads=num_threads)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the settings as ``preprocessor_config.json`` (upstream keys) into ``directory``; returns its path."""
+        file = Path(directory) / CONFIG_NAME
+        file.write_text(json.dumps(self.settings.to_config(), indent=2) + "\n")
+        return file
 
     def __repr__(self) -> str:
-        return (
-            f"ImageProcessor(patch_size={self.patch_size}, min_tokens={self.min_tokens}, "
-            f"max_tokens={self.max_tokens}, image_mean={self.image_mean}, image_std={self.image_std}, "
-            f"rescale_factor={self.rescale_factor}, do_rescale={self.do_rescale}, "
-            f"do_normalize={self.do_normalize}, num_threads={self.num_threads})"
-        )
+        fields = ", ".join(f"{f.name}={getattr(self.settings, f.name)}" for f in dataclasses.fields(self.settings))
+        return f"ImageProcessor({fields}, num_threads={self.num_threads})"
 
     def __call__(
         self,
@@ -411,7 +398,7 @@ class ImageProcessor:
         rows = [t * gh * gw for t, gh, gw in grids]
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA (page-locked memory is for host-to-device copies)")
-        shape = (sum(rows), _CHANNELS * p * p)
+        shape = (sum(rows), CHANNELS * p * p)
         if pin_memory:
             pixel_values = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         else:
@@ -423,8 +410,7 @@ class ImageProcessor:
         jobs = [(it, size, starts[i]) for i, (it, size) in enumerate(zip(items, sizes, strict=True))]
 
         def write(job: tuple[_Item, tuple[int, int], int]) -> None:
-            with self._workspace() as ws:
-                self._write(*job, merge, pixel_values, ws)
+            self._write(*job, merge, pixel_values)
 
         if self.num_threads > 1 and len(jobs) > 1:
             try:
@@ -441,31 +427,12 @@ class ImageProcessor:
             torch.full((len(items),), merge, dtype=torch.int64),
         )
 
-    @contextmanager
-    def _workspace(self) -> Iterator[_Workspace]:
-        """Scratch buffers for one writer, kept across calls (their pages are already mapped).
-
-        A free list owned by the processor, not thread-local storage: a pool thread's locals are
-        freed in its teardown, which CPython before 3.13 may still be running after ``join`` has
-        returned, and freeing a tensor there during interpreter exit aborts the process.
-        """
-        try:
-            ws = self._spare.pop()
-        except IndexError:
-            ws = _Workspace()
-        try:
-            yield ws
-        finally:
-            self._spare.append(ws)
-
-    def _write(
-        self, item: _Item, size: tuple[int, int], start: int, merge: int, out: torch.Tensor, ws: _Workspace
-    ) -> None:
+    def _write(self, item: _Item, size: tuple[int, int], start: int, merge: int, out: torch.Tensor) -> None:
         height, width = size
         per_frame = (height // self.patch_size) * (width // self.patch_size)
         for f, frame in enumerate(_frames(item.read())):
             rows = out[start + f * per_frame : start + (f + 1) * per_frame]
-            resize_to_patches(frame, height, width, self.patch_size, merge, self._norm, rows, ws)
+            resize_to_patches(frame, height, width, self.patch_size, merge, self._norm, rows)
 
 
 def reference_preprocess(
@@ -476,8 +443,8 @@ def reference_preprocess(
     patch_size: int = 14,
     min_tokens: int = 16,
     max_tokens: int = 16384,
-    image_mean: Sequence[float] = _RELEASED_MEAN,
-    image_std: Sequence[float] = _RELEASED_STD,
+    image_mean: Sequence[float] = RELEASED_MEAN,
+    image_std: Sequence[float] = RELEASED_STD,
     rescale_factor: float = 1 / 255,
 ) -> ProcessorOutput:
     """The slow reference pipeline, the upstream steps one by one: for tests and benchmarks only.

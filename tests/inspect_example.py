@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from penguin_kernels._compile import CompileCase
+from penguin_kernels.compile_case import CompileCase
 
 
 @triton.jit

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import penguin_kernels.attention as attention
+import penguin_kernels.device as device_module
 from penguin_kernels import reference as ref
 from penguin_kernels.attention import varlen_attention, varlen_attention_op
 from tests.utils import HAS_CUDA, INTERPRETER, assert_rel_close, device, kernel_dtypes, poison, requires_cuda
@@ -309,7 +310,7 @@ ERRORS = {
 @pytest.mark.usefixtures("no_launch")
 @pytest.mark.parametrize("case", list(ERRORS), ids=list(ERRORS))
 def test_errors(case, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU inputs are valid devices for these checks
+    monkeypatch.setattr(device_module, "INTERPRETING", True)  # the CPU inputs are valid devices for these checks
     exc, match, make = ERRORS[case]
     with pytest.raises(exc, match=match):
         varlen_attention(**make())
@@ -317,7 +318,7 @@ def test_errors(case, monkeypatch):
 
 @pytest.mark.usefixtures("no_launch")
 def test_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(device_module, "INTERPRETING", False)
     q, k, v, cu = _inputs()
     with pytest.raises(ValueError, match="CUDA"):
         varlen_attention(q, k, v, cu)

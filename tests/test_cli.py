@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from penguin_vl import ImageProcessor, ModelNotFoundError, PenguinEncoder
 from penguin_vl import encode as enc
 from penguin_vl.cli import main
+from penguin_vl.encode import checkpoints, sinks
 from tests.utils import assert_rel_close
 
 # Packed batches against one input at a time, both float32 on the CPU: the same math in other matmul
@@ -261,7 +262,7 @@ def test_interrupt_while_writing_leaves_no_output(data, ckpt, monkeypatch, capsy
         Path(filename).write_bytes(b"\0" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(enc, "save_file", partial_write)
+    monkeypatch.setattr(sinks, "save_file", partial_write)
     assert main(["encode", "data/a.png", "--model", str(ckpt), "--out", "o.safetensors"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not Path("o.safetensors").exists() and _leftovers(Path(".")) == []
@@ -352,7 +353,7 @@ def test_projected_features(data, full_ckpt, ckpt, capsys):
 
 def test_model_random_is_seeded(data, monkeypatch):
     # Released dimensions take a minute on a CPU; the wiring is the same at tiny dimensions.
-    monkeypatch.setattr(enc, "PenguinEncoderConfig", lambda: enc.TINY_CONFIG)
+    monkeypatch.setattr(checkpoints, "PenguinEncoderConfig", lambda: enc.TINY_CONFIG)
     args = ["encode", "data/a.png", "--model", "random"]
     assert main([*args, "--out", "r1.safetensors", "--project"]) == 0
     assert main([*args, "--out", "r2.safetensors", "--project"]) == 0
@@ -511,7 +512,7 @@ def test_python_m_penguin_vl(data, ckpt):
 
 def test_out_dir_file_names_are_distinct_and_flat():
     names = ["a/b.png", "a__b.png", "A__B.png", "/abs/x.png", "../up.png", ".hidden.png", "sp ace?.png"]
-    files = enc._file_names(names)
+    files = sinks._file_names(names)
     assert len({f.lower() for f in files.values()}) == len(names)
     for f in files.values():
         assert "/" not in f and not f.startswith(".") and f.endswith(".safetensors")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from penguin_kernels import inspect as inspect_cli
-from penguin_kernels._compile import KERNEL_MODULES, CompileCase, check_case, compile_case, inspect_modules
+from bench import inspect as inspect_cli
+from bench.compile import KERNEL_MODULES, check_case, compile_case, inspect_modules
+from penguin_kernels.compile_case import CompileCase
 from tests import inspect_example
 from tests.utils import INTERPRETER
 

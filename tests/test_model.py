@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import penguin_kernels
+from penguin_kernels import reference
 from penguin_vl import CheckpointError, PenguinEncoder, PenguinEncoderConfig, ProjectorConfig, save_encoder
 from penguin_vl.model import merge_tokens
 from tests.utils import assert_rel_close
@@ -291,3 +294,24 @@ def test_bad_pixel_values_shape_and_backend():
         model(torch.randn(4, 13), torch.tensor([[1, 2, 2]]), torch.tensor([1]))
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("cuda")
+
+
+# The ops the encoder's layers call through its backend's ops module.
+MODEL_OPS = ("linear", "rms_norm", "qk_norm_rope_2d", "varlen_attention_op", "swiglu_mlp", "projector_mlp")
+
+
+@pytest.mark.parametrize("name", [*MODEL_OPS, "rope_positions"])
+def test_kernels_and_reference_offer_one_signature(name):
+    # ``config`` selects a kernel's launch configuration; it has no meaning for the reference.
+    def params(fn):
+        return [p for p in inspect.signature(fn).parameters.values() if p.name != "config"]
+
+    assert params(getattr(penguin_kernels, name)) == params(getattr(reference, name))
+
+
+def test_reference_positions_check_their_hints():
+    gs, ms = torch.tensor([[2, 4, 6], [1, 2, 2]]), torch.tensor([2, 1])
+    positions, cu = reference.rope_positions(gs, ms, total_tokens=52, num_frames=3)
+    assert positions.shape == (52, 2) and cu.tolist() == [0, 24, 48, 52]
+    with pytest.raises(ValueError, match="disagree"):
+        reference.rope_positions(gs, ms, total_tokens=51, num_frames=3)

@@ -1,4 +1,4 @@
-"""The compiled resize (``penguin_vl/csrc/resize.c``): its bits against Pillow and the torch path, its
+"""The compiled resize (``penguin_vl/csrc/resize.c``): its bits against Pillow and the Pillow path, its
 checks on the output it writes through raw pointers, and how it is built, cached and given up on.
 
 The preprocessor's own tests (``test_processor.py``) run on both paths as well.
@@ -15,6 +15,7 @@ from PIL import Image
 
 from penguin_vl import _native
 from penguin_vl._resize import Normalisation, _resize_native, resize_bicubic, resize_to_patches, vertical_first
+from penguin_vl.processor import resize_backend
 
 
 @pytest.fixture()
@@ -36,7 +37,7 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setattr(_native, "_reason", "not built yet")
 
 
-def torch_path(fn, *args):
+def pillow_path(fn, *args):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PENGUIN_VL_NATIVE", "0")
         return fn(*args)
@@ -76,13 +77,13 @@ def test_matches_pillow(lib, channels):
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-def test_matches_torch_path(lib, channels):
-    """Any channel count (Pillow itself premultiplies alpha, so the torch path is the reference here)."""
+def test_matches_pillow_path(lib, channels):
+    """Any channel count (the Pillow path resizes 2 or 4 channels band by band, as Pillow premultiplies alpha)."""
     rng = np.random.default_rng(10 + channels)
     for _ in range(60):
         h, w, oh, ow = random_sizes(rng)
         image = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-        expected = torch_path(resize_bicubic, image, oh, ow)
+        expected = pillow_path(resize_bicubic, image, oh, ow)
         assert torch.equal(resize_bicubic(image, oh, ow), expected), (h, w, oh, ow)
 
 
@@ -106,7 +107,7 @@ def test_strided_and_flipped_sources(lib):
 @pytest.mark.parametrize("merge", [1, 2])
 @pytest.mark.parametrize("size", [(56, 56, 56, 56), (100, 130, 56, 112), (50, 61, 84, 56), (300, 29, 112, 28)])
 def test_patches_fill_a_poisoned_output(lib, merge, size):
-    """Every patch value is written, and equals the torch path's."""
+    """Every patch value is written, and equals the Pillow path's."""
     h, w, oh, ow = size
     image = np.random.default_rng(4).integers(0, 256, (h, w, 3), dtype=np.uint8)
     norm = Normalisation(1 / 255, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
@@ -114,7 +115,7 @@ def test_patches_fill_a_poisoned_output(lib, merge, size):
     out = torch.full((rows, 3 * 14 * 14), float("nan"))
     resize_to_patches(image, oh, ow, 14, merge, norm, out)
     expected = torch.full_like(out, float("nan"))
-    torch_path(resize_to_patches, image, oh, ow, 14, merge, norm, expected)
+    pillow_path(resize_to_patches, image, oh, ow, 14, merge, norm, expected)
     assert not out.isnan().any()
     assert torch.equal(out, expected)
 
@@ -189,10 +190,11 @@ def test_cc_may_carry_words(fresh, monkeypatch, tmp_path):
     [("/nonexistent/cc", "no C compiler found"), ("false", "failed on resize.c")],
     ids=["missing", "broken"],
 )
-def test_falls_back_to_the_torch_path(fresh, monkeypatch, cc, reason):
+def test_falls_back_to_pillow(fresh, monkeypatch, cc, reason):
     monkeypatch.setenv("CC", cc)
     assert _native.library() is None
-    assert reason in _native.status() and "torch path" in _native.status()
+    backend = resize_backend()
+    assert backend.name == "pillow" and reason in backend.reason and "Pillow's resize" in backend.reason
     image = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     assert np.array_equal(resize_bicubic(image, 33, 47).numpy(), pillow(image, 33, 47))
 
@@ -208,4 +210,9 @@ def test_unwritable_cache_falls_back_with_a_reason(fresh, monkeypatch, tmp_path)
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("PENGUIN_VL_NATIVE", "0")
     assert _native.library() is None
-    assert "disabled" in _native.status()
+    assert resize_backend().name == "pillow" and "disabled" in resize_backend().reason
+
+
+def test_backend_names_the_compiled_library(lib):
+    backend = resize_backend()
+    assert backend.name == "compiled" and backend.reason.startswith("compiled (") and ".so" in backend.reason

@@ -1,5 +1,5 @@
 """The preprocessor: golden parity, bit-exact resize against Pillow, the fast path against the slow
-reference pipeline, TRA sizing, the batch API and bad input.
+reference pipeline, TRA sizing, the batch API, settings and bad input.
 
 Every comparison is ``torch.equal`` / ``np.array_equal``: the contract is the reference's bits.
 Pillow 13 chooses the order of its two resize passes (:func:`vertical_first`); comparisons with its
@@ -24,9 +24,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
-from penguin_vl import _native, _resize
 from penguin_vl._resize import Normalisation, bicubic_coefficients, resize_bicubic, resize_to_patches, vertical_first
-from penguin_vl.processor import ImageProcessor, ProcessorOutput, reference_preprocess, target_sizes
+from penguin_vl.processor import (
+    ImageProcessor,
+    ProcessorOutput,
+    ProcessorSettings,
+    reference_preprocess,
+    resize_backend,
+    target_sizes,
+)
 
 GOLDEN = Path(os.environ.get("PENGUIN_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 requires_golden = pytest.mark.skipif(
@@ -44,15 +50,16 @@ palette_warning = pytest.mark.filterwarnings("ignore:Palette images with Transpa
 MODES = ("RGB", "RGBA", "P", "L", "LA", "PA", "CMYK", "YCbCr", "I;16", "I", "F", "1")
 
 
-@pytest.fixture(autouse=True, params=["compiled", "torch"])
+@pytest.fixture(autouse=True, params=["compiled", "pillow"])
 def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both resizes: the compiled one (where a C compiler is found) and the torch ops."""
-    if request.param == "torch":
+    """Every test runs on both resizes: the compiled one (where a C compiler is found) and Pillow's."""
+    if request.param == "pillow":
         monkeypatch.setenv("PENGUIN_VL_NATIVE", "0")
     else:
         monkeypatch.delenv("PENGUIN_VL_NATIVE", raising=False)
-        if _native.library() is None:
-            pytest.skip(f"compiled resize: {_native.status()}")
+    backend = resize_backend()
+    if backend.name != request.param:
+        pytest.skip(f"{request.param} resize not in use: {backend.reason}")
     return request.param
 
 
@@ -181,35 +188,6 @@ def test_resize_matches_pillow_random(h, w, oh, ow, seed):
         assert np.array_equal(ours, np.asarray(Image.fromarray(image).resize((ow, oh), Image.Resampling.BICUBIC)))
 
 
-@pytest.mark.parametrize("case", [(48, 1600, 48, 1596), (40, 1600, 40, 1568), (40, 640, 40, 300)], ids=str)
-def test_horizontal_paths(case):
-    """Few column runs (strided views, a sparse tap) and many (the transposed bag), at realistic widths."""
-    h, w, oh, ow = case
-    image = random_image(h, w, seed=1)
-    assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow_two_pass(image, oh, ow))
-
-
-@pytest.mark.parametrize(
-    "case, views",
-    [
-        ((1600, 48, 1596, 48), True),  # vertical only
-        ((1600, 48, 1190, 48), False),
-        ((901, 40, 896, 44), True),  # vertical first
-        ((700, 900, 698, 896), True),  # horizontal first (strided views), then rows
-        ((700, 900, 698, 882), False),  # horizontal first, transposed: its float rows go to the bags
-    ],
-    ids=str,
-)
-def test_vertical_paths(case, views):
-    """Few row runs per strip (int32 row views) and many (the bags), first or second of the passes."""
-    h, w, oh, ow = case
-    strips = _resize._strips(h, oh, _resize._strip_rows(ow, 3, 1))
-    transposed = ow != w and _resize._horizontal(w, ow).transposed and not _resize.vertical_first(h, w, oh, ow)
-    assert (strips[0].views is not None and not transposed) == views
-    image = random_image(h, w, seed=2)
-    assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow_two_pass(image, oh, ow))
-
-
 def test_resize_saturated_images():
     """All-255 and all-0 inputs drive the accumulators to their extremes (overshoot is clamped)."""
     for value in (0, 255):
@@ -286,7 +264,7 @@ def test_patch_writers_agree(settings, merge):
     assert ref.grid_sizes.tolist() == [[1, oh // p, ow // p]]
     for arithmetic in sorted({False, norm.arithmetic}):
         out = torch.full(((oh // p) * (ow // p), 3 * p * p), float("nan"))
-        norm.arithmetic = arithmetic
+        norm.arithmetic = arithmetic  # the Pillow path's float32 ops where exact, else its table
         resize_to_patches(image, oh, ow, p, merge, norm, out)
         assert torch.equal(out, ref.pixel_values), f"arithmetic={arithmetic}"
 
@@ -443,18 +421,6 @@ def test_thread_pool_leaves_torch_thread_counts_alone():
     assert seen == [before]
 
 
-def test_workspaces_are_kept_by_the_processor_not_by_threads():
-    """Pool threads end holding no scratch tensors (freeing them in a thread's teardown can abort
-    the interpreter at exit); the next call reuses the same buffers."""
-    proc = ImageProcessor(num_threads=2)
-    images = [random_image(60, 80, seed=s) for s in range(4)]
-    proc.batch(images)
-    spare = list(proc._spare)
-    assert 1 <= len(spare) <= 2
-    proc.batch(images)
-    assert {id(ws) for ws in spare} <= {id(ws) for ws in proc._spare}
-
-
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_thread_pool_shares_one_lazily_loaded_image(tmp_path, fmt):
     """The same file-backed PIL image, not yet decoded, several times in one pooled batch."""
@@ -546,6 +512,38 @@ def test_from_pretrained_missing_or_broken(tmp_path):
         ImageProcessor.from_pretrained(tmp_path)
 
 
+def test_settings_round_trip_through_the_checkpoint_file(tmp_path):
+    proc = ImageProcessor(min_tokens=8, max_tokens=99, image_mean=0.25, do_normalize=False)
+    path = proc.save_pretrained(tmp_path)
+    assert path == tmp_path / "preprocessor_config.json"
+    assert json.loads(path.read_text())["resample"] == int(Image.Resampling.BICUBIC)
+    again = ImageProcessor.from_pretrained(tmp_path)
+    assert again.settings == proc.settings
+    assert again.settings.image_mean == (0.25, 0.25, 0.25) and not again.do_normalize
+    image = random_image(50, 70)
+    assert torch.equal(again(image).pixel_values, proc(image).pixel_values)
+
+
+def test_from_pretrained_replaces_the_token_budget(tmp_path):
+    ImageProcessor(min_tokens=8, max_tokens=99).save_pretrained(tmp_path)
+    proc = ImageProcessor.from_pretrained(tmp_path, max_tokens=40, num_threads=2)
+    assert (proc.min_tokens, proc.max_tokens, proc.num_threads) == (8, 40, 2)
+    with pytest.raises(ValueError, match="min_tokens"):
+        ImageProcessor.from_pretrained(tmp_path, min_tokens=50, max_tokens=40)
+
+
+def test_settings_are_checked_and_frozen():
+    settings = ProcessorSettings(image_std=2)
+    assert settings.image_std == (2.0, 2.0, 2.0) and settings == ProcessorSettings(image_std=(2, 2, 2))
+    assert settings.with_budget(max_tokens=64) == ProcessorSettings(image_std=2, max_tokens=64)
+    assert ImageProcessor.from_settings(settings).settings == settings
+    with pytest.raises(AttributeError):
+        settings.patch_size = 16
+    with pytest.raises(ValueError, match="nonzero"):
+        ProcessorSettings(image_std=(1, 0, 1))
+    assert ProcessorSettings(do_rescale=False).metadata()["rescale_factor"] is None
+
+
 # -------------------------------------------------------------------------------------------- bad input
 
 
@@ -623,18 +621,3 @@ def test_empty_inputs():
         ImageProcessor().batch([])
     with pytest.raises(ValueError, match="non-empty sequence"):
         ImageProcessor().batch(random_image(20, 20))
-
-
-def test_strip_sizes_do_not_change_results(monkeypatch):
-    """Strips and chunks are an implementation detail: tiny ones give the same bits."""
-    image = random_image(130, 170, seed=9)
-    expected = ImageProcessor(max_tokens=60)(image).pixel_values
-    monkeypatch.setattr(_resize, "_STRIP_VALUES", 1 << 10)
-    monkeypatch.setattr(_resize, "_CHUNK_VALUES", 1 << 10)
-    _resize._strips.cache_clear()
-    try:
-        assert torch.equal(ImageProcessor(max_tokens=60)(image).pixel_values, expected)
-        for oh, ow in ((140, 168), (112, 170), (130, 126)):
-            assert np.array_equal(resize_bicubic(image, oh, ow).numpy(), pillow_two_pass(image, oh, ow))
-    finally:
-        _resize._strips.cache_clear()

@@ -1,4 +1,4 @@
-"""``python -m penguin_kernels.profile``: every target builds and runs, with the stated FLOP/byte formulas.
+"""``python -m bench.profile``: every target builds and runs, with the stated FLOP/byte formulas.
 
 The tool times on a GPU only; here each target is built on this session's device at a tiny shape and
 called once, through the Triton kernels (interpreter on a CPU) and through the reference.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from penguin_kernels import profile
+from bench import profile
 from tests.utils import HAS_CUDA, INTERPRETER, device
 
 TINY = [
@@ -27,7 +27,7 @@ TINY = [
 
 
 def _args(target: str, *extra: str):
-    return profile._parser().parse_args([target, *TINY, *extra])
+    return profile.parser().parse_args([target, *TINY, *extra])
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"], ids=str)
@@ -35,7 +35,7 @@ def _args(target: str, *extra: str):
 def test_target_runs(target, impl):
     if impl == "triton" and device() == "cpu" and not INTERPRETER:
         pytest.skip("Triton kernels need a GPU or the interpreter")
-    problem = profile._build(_args(target, f"--impl={impl}"), device=device())
+    problem = profile.build(_args(target, f"--impl={impl}"), device=device())
     out = problem.run()
     first = out[0] if isinstance(out, tuple) else out
     assert torch.isfinite(first).all()
@@ -44,13 +44,13 @@ def test_target_runs(target, impl):
 
 def test_formulas():
     # 24 tokens in two 12-token segments, 4 query heads, 2 KV heads, head_dim 64, fp32.
-    attn = profile._build(_args("attention", "--impl=torch"), device="cpu")
+    attn = profile.build(_args("attention", "--impl=torch"), device="cpu")
     assert attn.flops == 4 * (12**2 + 12**2) * 4 * 64
     assert attn.bytes == (2 * 24 * 4 * 64 + 2 * 24 * 2 * 64) * 4 + 3 * 4
-    lin = profile._build(_args("linear", "--impl=torch", "--n=32", "--k=48"), device="cpu")
+    lin = profile.build(_args("linear", "--impl=torch", "--n=32", "--k=48"), device="cpu")
     assert lin.flops == 2 * 24 * 32 * 48
     assert lin.bytes == (24 * 48 + 32 * 48 + 24 * 32) * 4
-    mlp = profile._build(_args("swiglu_mlp", "--impl=torch"), device="cpu")
+    mlp = profile.build(_args("swiglu_mlp", "--impl=torch"), device="cpu")
     assert mlp.flops == 2 * 24 * 2 * 96 * 64 + 2 * 24 * 96 * 64
 
 

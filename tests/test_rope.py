@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import penguin_kernels.rope as rope
+from bench.compile import check_case
 from penguin_kernels import qk_norm_rope_2d, reference, rope_positions
-from penguin_kernels._compile import check_case
 from tests.utils import (
     HAS_CUDA,
     INTERPRETER,

@@ -1,7 +1,7 @@
 /*
  * Pillow's 8-bit BICUBIC resize, bit for bit, fused with the preprocessor's normalisation and
- * patch layout: the compiled twin of penguin_vl/_resize.py (same arithmetic, see its docstring),
- * built on first use by penguin_vl/_native.py and called through ctypes.
+ * patch layout (the arithmetic is in penguin_vl/_resize.py's docstring), built on first use by
+ * penguin_vl/_native.py and called through ctypes.
  *
  * Per axis the caller passes Pillow's filter: output i reads count[i] input samples from first[i]
  * with int32 fixed-point weights w[i * ksize + k]. A pass computes

@@ -1,11 +1,11 @@
 """Run one kernel (or the whole encoder) at a chosen shape, ready for Nsight, and report its roofline.
 
-    python -m penguin_kernels.profile attention --workload image_mix
-    python -m penguin_kernels.profile linear --tokens 65536 --n 4096 --k 1024
-    python -m penguin_kernels.profile encoder --workload video --impl torch
+    python -m bench.profile attention --workload image_mix
+    python -m bench.profile linear --tokens 65536 --n 4096 --k 1024
+    python -m bench.profile encoder --workload video --impl torch
     ncu --nvtx --nvtx-include "penguin.attention/" --set full -o attn \\
-        python -m penguin_kernels.profile attention --iters 1
-    nsys profile --capture-range=cudaProfilerApi -o enc python -m penguin_kernels.profile encoder
+        python -m bench.profile attention --iters 1
+    nsys profile --capture-range=cudaProfilerApi -o enc python -m bench.profile encoder
 
 Inputs are built and the target is warmed up (JIT compilation, autotuning) before the measured
 region, which is bracketed by ``cudaProfilerStart/Stop`` and where every call sits in an NVTX range
@@ -29,7 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TARGETS", "main"]
+from bench.timing import L2Flusher, environment, measure_ceilings
+from penguin_kernels.device import DTYPES
+from penguin_vl import workloads
+
+__all__ = ["TARGETS", "build", "main", "parser", "workload"]
 
 TARGETS = (
     "rope",
@@ -41,7 +45,6 @@ TARGETS = (
     "rms_norm_residual",
     "encoder",
 )
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,8 @@ class Problem:
     shape: str
 
 
-def _workload(args: argparse.Namespace):
-    # The workload registry lives with the model package; only this developer tool reaches for it.
-    from penguin_vl import workloads
+def workload(args: argparse.Namespace) -> workloads.Workload:
+    """The SPEC section 7 workload named by ``--workload``, or the uniform one ``--tokens``/``--seqlen`` give."""
 
     if args.tokens is not None or args.seqlen is not None:
         tokens = args.tokens or args.seqlen
@@ -64,15 +66,15 @@ def _workload(args: argparse.Namespace):
     return workloads.get(args.workload)
 
 
-def _build(args: argparse.Namespace, device: str = "cuda") -> Problem:
+def build(args: argparse.Namespace, device: str = "cuda") -> Problem:
     """Inputs and the call for ``args.target``; ``device="cpu"`` serves tests of the shapes and formulas."""
     import penguin_kernels as pk
     from penguin_kernels import reference
 
     triton = args.impl == "triton"
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     e = torch.finfo(dtype).bits // 8
-    wl = _workload(args)
+    wl = workload(args)
     D, H, KV, hd, inter = args.hidden, args.heads, args.kv_heads, args.head_dim, args.inter
     n = wl.tokens
     where = wl.describe()
@@ -162,7 +164,8 @@ def _build(args: argparse.Namespace, device: str = "cuda") -> Problem:
         head_dim=hd,
         rope_theta=args.theta,
     )
-    model = PenguinEncoder.from_config(config, dtype=dtype, device=device, backend=args.impl)
+    # inference: the encoder records the autograd graph for weights that require grad
+    model = PenguinEncoder.from_config(config, dtype=dtype, device=device, backend=args.impl).requires_grad_(False)
     inputs = make_inputs(wl, patch_dim=config.patch_dim, device=device, dtype=dtype)
     run = lambda: model(inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes)
     flops = wl.encoder_flops(args.layers, D, H, KV, hd, inter, config.patch_dim)
@@ -171,9 +174,9 @@ def _build(args: argparse.Namespace, device: str = "cuda") -> Problem:
     return Problem(run, flops, moved, f"{args.layers} layers, {args.dtype}; {where}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m penguin_kernels.profile",
+        prog="python -m bench.profile",
         description="Run one kernel or the encoder under NVTX ranges (for ncu / nsys) and report its roofline.",
     )
     p.add_argument("target", choices=TARGETS)
@@ -181,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="image_mix", help="SPEC section 7 workload (default: image_mix)")
     p.add_argument("--tokens", type=int, help="total tokens of a uniform workload (overrides --workload)")
     p.add_argument("--seqlen", type=int, help="segment length of a uniform workload (default: --tokens)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--m", type=int, help="rows for linear / MLP / norm targets (default: workload tokens)")
     p.add_argument("--n", type=int, help="linear: output features (default: fused QKV); MLPs: intermediate size")
     p.add_argument("--k", type=int, help="linear / MLP / norm: input features (default: --hidden)")
@@ -207,21 +210,19 @@ def _rate(value: float | None, peak: float | None, unit: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "penguin_kernels.profile needs a CUDA GPU (none is visible to torch). On a CPU machine, "
-            "`python -m penguin_kernels.inspect --arch 90` compiles the kernels and reports registers, "
+            "bench.profile needs a CUDA GPU (none is visible to torch). On a CPU machine, "
+            "`python -m bench.inspect --arch 90` compiles the kernels and reports registers, "
             "shared memory, spills and tensor-core instructions.",
             file=sys.stderr,
         )
         return 2
-    from penguin_kernels._timing import L2Flusher, environment, measure_ceilings
-
     env = environment()
     ceilings = None if args.no_ceilings else measure_ceilings()
     with torch.inference_mode():
-        problem = _build(args)
+        problem = build(args)
         torch.cuda.nvtx.range_push("penguin.warmup")
         for _ in range(max(args.warmup, 1)):
             problem.run()

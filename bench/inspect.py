@@ -1,11 +1,11 @@
 """Compile every shipped kernel config for a GPU architecture and print what the compiler made of it.
 
-    python -m penguin_kernels.inspect --arch 90            # Hopper: expect HGMMA in the MMA kernels
-    python -m penguin_kernels.inspect --arch 80 attention   # Ampere, one module
-    python -m penguin_kernels.inspect --arch 90 --arch 80 --json reports.json
+    python -m bench.inspect --arch 90            # Hopper: expect HGMMA in the MMA kernels
+    python -m bench.inspect --arch 80 attention   # Ampere, one module
+    python -m bench.inspect --arch 90 --arch 80 --json reports.json
 
 No GPU is needed: kernels are compiled to cubins with Triton's bundled ``ptxas`` and read back with
-its ``cuobjdump`` (see :mod:`penguin_kernels._compile`). Columns: registers per thread; shared
+its ``cuobjdump`` (see :mod:`bench.compile`). Columns: registers per thread; shared
 memory per block against the architecture's limit; spills (stack bytes, local stores/loads in
 SASS); tensor-core instructions (``HGMMA`` = wgmma, ``HMMA`` = mma.sync). The exit status is 1 when
 any config fails to compile, spills, exceeds shared memory, or declares tensor cores and issues
@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from penguin_kernels._compile import KERNEL_MODULES, CompileReport, inspect_modules
+from bench.compile import KERNEL_MODULES, CompileReport, inspect_modules
 
 __all__ = ["main", "problems"]
 
@@ -80,7 +80,7 @@ def _table(reports: Sequence[CompileReport]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m penguin_kernels.inspect",
+        prog="python -m bench.inspect",
         description="Compile the shipped kernel configs for a GPU architecture (no GPU needed) and report "
         "registers, shared memory, spills and tensor-core instructions.",
     )

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from penguin_vl import PenguinEncoder, PenguinEncoderConfig, ProjectorConfig
+from penguin_vl.cuda_graph import capture_cuda_graph
+from penguin_vl.model import check_grid, merge_tokens, ops_for, packing
 from tests.test_model import GOLDEN, GOLDEN_TOL, requires_golden
 from tests.utils import HAS_CUDA, INTERPRETER, assert_rel_close, device, requires_cuda
 
@@ -29,6 +31,7 @@ def _batch(cfg: PenguinEncoderConfig, grids, merges, dev, seed: int = 0):
 
 @requires_golden
 @requires_kernels
+@torch.inference_mode()
 def test_triton_backend_matches_golden_float32():
     io = load_file(GOLDEN / "encoder_shared_io.safetensors")
     model = PenguinEncoder.from_pretrained(GOLDEN / "encoder_shared", device=device(), backend="triton")
@@ -39,6 +42,7 @@ def test_triton_backend_matches_golden_float32():
 
 @requires_golden
 @requires_kernels
+@torch.inference_mode()
 def test_triton_equals_torch_backend_on_mixed_items_fp16():
     cfg = PenguinEncoderConfig.from_pretrained(GOLDEN / "encoder_shared")
     ref = PenguinEncoder.from_pretrained(GOLDEN / "encoder_shared", backend="torch")
@@ -54,28 +58,42 @@ def test_triton_equals_torch_backend_on_mixed_items_fp16():
 
 
 @requires_kernels
-def test_fused_weights_are_views_and_survive_to():
+@torch.inference_mode()
+def test_backend_switch_and_to_keep_the_weights():
     cfg = PenguinEncoderConfig(
         hidden_size=64, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=64, patch_size=2,
     )  # fmt: skip
     model = PenguinEncoder.from_config(cfg, backend="torch")
-    n_params = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    pv, gs, ms = _batch(cfg, [(1, 4, 4), (2, 2, 2)], [1, 2], device())
+    expected = model(pv.cpu(), gs, ms)
     model.set_backend("triton")
-    attn = model.encoder.layers[0].self_attn
-    fused = attn.__dict__["_fused_q_proj_k_proj_v_proj"]
-    assert attn.k_proj.weight.data_ptr() == fused[cfg.q_dim].data_ptr()
-    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert dict(model.named_parameters()) == params
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    pv, gs, ms = _batch(cfg, [(1, 4, 4)], [1], device())
     out32 = model.to(device())(pv, gs, ms)
+    assert_rel_close(out32.cpu(), expected, GOLDEN_TOL, "triton vs torch backend, float32")
     out16 = model.to(torch.float16)(pv, gs, ms)
     assert out16.dtype == torch.float16
     assert_rel_close(out16.float(), out32, 4e-3, "after .to(float16)")
 
 
+@requires_kernels
+def test_triton_backend_records_no_graph_under_no_grad():
+    cfg = PenguinEncoderConfig(
+        hidden_size=64, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, patch_size=2,
+    )  # fmt: skip
+    model = PenguinEncoder.from_config(cfg, device=device(), backend="triton")
+    pv, gs, ms = _batch(cfg, [(1, 4, 4)], [1], device())
+    with torch.no_grad():
+        out = model(pv, gs, ms)
+    assert out.grad_fn is None and torch.isfinite(out).all()
+
+
 @requires_cuda
+@torch.inference_mode()
 def test_bf16_released_dims_against_float32_reference():
     cfg = PenguinEncoderConfig()
     ref = PenguinEncoder.from_config(cfg, device="cuda", backend="torch")
@@ -85,6 +103,7 @@ def test_bf16_released_dims_against_float32_reference():
 
 
 @requires_cuda
+@torch.inference_mode()
 def test_projector_path_bf16():
     cfg = PenguinEncoderConfig(num_hidden_layers=2)
     proj = ProjectorConfig(in_dim=cfg.hidden_size, out_dim=2048)
@@ -96,9 +115,8 @@ def test_projector_path_bf16():
 
 
 @requires_cuda
+@torch.inference_mode()
 def test_torch_compile_and_cuda_graph():
-    from penguin_vl import fast
-
     cfg = PenguinEncoderConfig(num_hidden_layers=2)
     model = PenguinEncoder.from_config(cfg, dtype=torch.bfloat16, device="cuda", backend="triton")
     pv, gs, ms = _batch(cfg, [(1, 16, 16), (2, 8, 12)], [1, 2], "cuda")
@@ -106,14 +124,12 @@ def test_torch_compile_and_cuda_graph():
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(pv, gs, ms), eager, rtol=2e-2, atol=2e-2)
     # Every layer in one graph: fullgraph=True raises on any graph break.
-    items = [(1, 16, 16, 1), (2, 8, 12, 2)]
-    positions, cu_seqlens, max_seqlen = fast._inputs(model, gs, ms, items)
-    weights = fast._layer_weights(model)
-    layers = torch.compile(fast._encode, fullgraph=True)
-    with torch.no_grad():
-        x = layers(model, weights, pv.to(torch.bfloat16), positions, cu_seqlens, max_seqlen)
-    torch.testing.assert_close(fast.merge_tokens(x, items), eager, rtol=2e-2, atol=2e-2)
-    run = fast.capture_cuda_graph(model, gs, ms)
+    items = check_grid(pv, gs, ms, cfg.patch_dim)
+    positions, cu_seqlens, max_seqlen = packing(ops_for("triton"), gs, ms, items, model.device)
+    layers = torch.compile(model.encode_packed, fullgraph=True)
+    x = layers(pv.to(torch.bfloat16), positions, cu_seqlens, max_seqlen)
+    torch.testing.assert_close(merge_tokens(x, items), eager, rtol=2e-2, atol=2e-2)
+    run = capture_cuda_graph(model, gs, ms)
     torch.testing.assert_close(run(pv).clone(), eager, rtol=0, atol=0)
     pv2 = torch.randn_like(pv)
     torch.testing.assert_close(run(pv2).clone(), model(pv2, gs, ms), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""GPU timing and measured roofline ceilings, shared by ``bench/`` and ``python -m penguin_kernels.profile``.
+"""GPU timing and measured roofline ceilings, for the benchmarks, ``bench.profile`` and ``bench.tune``.
 
 Times are device times from CUDA events around each call, with the L2 cache optionally flushed
 before every call outside the timed region. Ceilings are measured, not read from a datasheet: dense

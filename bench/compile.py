@@ -37,16 +37,17 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from penguin_kernels.compile_case import CompileCase
+from penguin_kernels.device import SHARED_MEMORY_PER_BLOCK, interpreter_active
+
 __all__ = [
     "KERNEL_MODULES",
-    "MAX_SHARED_BYTES",
-    "CompileCase",
     "CompileReport",
     "check_case",
     "compile_case",
@@ -63,32 +64,9 @@ KERNEL_MODULES = (
     "penguin_kernels.norm",
 )
 
-# Largest dynamic shared memory one block may opt into, per compute capability (CUDA guide, table 21).
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 _REPORT_MARKER = "penguin-compile-reports:"
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-
-
-@dataclass(frozen=True)
-class CompileCase:
-    """One shipped launch config of a ``@triton.jit`` kernel.
-
-    ``signature`` maps every runtime argument to its Triton type (``"*bf16"``, ``"*fp32"``,
-    ``"i32"``, ``"i64"``, ``"fp32"``); ``constexprs`` maps each ``tl.constexpr`` parameter, and any
-    runtime argument pinned to a constant at launch (a stride of 1), to its value. ``aligned`` names
-    int arguments that are multiples of 16 at the shapes this config serves. ``tensor_cores`` says
-    the kernel is meant to run its dots on tensor cores (wgmma on sm_90, mma on sm_80).
-    """
-
-    name: str
-    fn: Any
-    signature: Mapping[str, str]
-    constexprs: Mapping[str, Any]
-    num_warps: int = 4
-    num_stages: int = 3
-    tensor_cores: bool = False
-    aligned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,7 +103,7 @@ class CompileReport:
 
     @property
     def shared_limit(self) -> int | None:
-        return MAX_SHARED_BYTES.get(self.arch)
+        return SHARED_MEMORY_PER_BLOCK.get(self.arch)
 
     @property
     def fits_shared(self) -> bool:
@@ -138,10 +116,6 @@ class CompileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _cuobjdump() -> str:
@@ -245,7 +219,7 @@ def compile_case(case: CompileCase, arch: int, *, module: str = "") -> CompileRe
 
     signature = check_case(case)
     fn = _kernel(case.fn)
-    if _interpreter_on() or not isinstance(fn, _jit_type()):
+    if interpreter_active() or not isinstance(fn, _jit_type()):
         raise RuntimeError(
             f"{case.name}: compiling needs @triton.jit functions imported with TRITON_INTERPRET unset or 0 "
             f"(got {type(fn).__name__}); use inspect_modules(), which compiles in a subprocess"
@@ -331,7 +305,7 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-_WORKER = "import sys; from penguin_kernels._compile import main; sys.exit(main(sys.argv[1:]))"
+_WORKER = "import sys; from bench.compile import main; sys.exit(main(sys.argv[1:]))"
 
 
 def _run_subprocess(module: str, archs: Sequence[int], timeout: float) -> list[CompileReport]:
@@ -373,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("module", help="module defining compile_cases(arch), e.g. penguin_kernels.attention")
     parser.add_argument("--arch", type=int, action="append", required=True, help="compute capability: 90, 80")
     args = parser.parse_args(argv)
-    if _interpreter_on():
+    if interpreter_active():
         parser.error("TRITON_INTERPRET must be unset or 0 to compile kernels")
     reports = [r for arch in args.arch for r in inspect_module(args.module, arch)]
     print(_REPORT_MARKER + json.dumps([r.to_dict() for r in reports]))

@@ -1,0 +1,175 @@
+"""Inputs of a feature-extraction run: what the command line names (files, directories, globs, clips),
+expanded into a deterministic list, shared among ranks, and read into pixels.
+
+An input kind is found by :func:`collect_inputs` and read by :func:`read`; both know every kind.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CLIP_SUFFIX", "IMAGE_SUFFIXES", "Input", "InputError", "collect_inputs", "read", "shard"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLIP_SUFFIX = ".npy"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class InputError(ValueError):
+    """An input argument that names nothing usable: a missing path, an empty directory, a glob with no match."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One item to encode. ``kind``: ``"image"`` (a file), ``"frames"`` (a directory of frames, one clip)
+    or ``"array"`` (a ``.npy`` clip, uint8 ``[T, H, W, C]``)."""
+
+    name: str
+    kind: str
+    path: Path
+    frames: tuple[Path, ...] = ()
+
+    @property
+    def is_clip(self) -> bool:
+        """A clip's frames are sized together, from the first, at the clip merge size (the reference's video path)."""
+        return self.kind != "image"
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files the input is read from."""
+        return self.frames or (self.path,)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _name(path: Path) -> str:
+    return Path(os.path.normpath(path)).as_posix()
+
+
+def _files_under(root: Path) -> list[Path]:
+    found = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, CLIP_SUFFIX) and not _is_hidden(p, root)
+    ]
+    return sorted(found, key=_natural_key)
+
+
+def _expand(arg: str) -> tuple[list[Path], bool]:
+    """The paths an argument names, and whether they came from a pattern."""
+    path = Path(arg).expanduser()
+    if path.exists():
+        return [path], False
+    if _GLOB_CHARS.search(arg):
+        matches = sorted((Path(m) for m in glob.glob(str(path), recursive=True)), key=_natural_key)
+        if not matches:
+            raise InputError(f"input {arg!r}: the pattern matches nothing")
+        return matches, True
+    raise InputError(f"input {arg!r}: no such file or directory")
+
+
+def _file_input(path: Path) -> Input:
+    kind = "array" if path.suffix.lower() == CLIP_SUFFIX else "image"
+    return Input(_name(path), kind, path)
+
+
+def _clip_input(path: Path, arg: str) -> Input:
+    if not path.is_dir():
+        raise InputError(f"--clip {arg!r}: {path} is not a directory of frames")
+    frames = sorted(
+        (
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        ),
+        key=_natural_key,
+    )
+    if not frames:
+        raise InputError(f"--clip {arg!r}: no image files in {path} (frames: {', '.join(IMAGE_SUFFIXES)})")
+    return Input(_name(path), "frames", path, tuple(frames))
+
+
+def collect_inputs(paths: Sequence[str], clips: Sequence[str] = ()) -> list[Input]:
+    """Expand the input arguments into a deterministic list of inputs.
+
+    ``paths``: image files (any format Pillow reads), ``.npy`` clips, directories (searched recursively
+    for image files and ``.npy`` clips, hidden entries skipped) and glob patterns (``**`` recurses).
+    ``clips``: directories (or patterns matching directories) whose image files, in natural order, are the
+    frames of one clip. An input's name is its path as given, normalised (``./a//b.png`` -> ``a/b.png``);
+    files inside a directory are named by the directory's name joined with their relative path. Order:
+    arguments in the order given, then natural order within a directory or pattern; an input reached twice
+    is kept once.
+    """
+    found: list[Input] = []
+    for arg in paths:
+        matches, pattern = _expand(arg)
+        # named explicitly, a file is taken whatever its suffix; matched by a pattern, only image files and
+        # clips (and directories holding some) count, and the pattern must reach at least one
+        files = [
+            f
+            for path in matches
+            for f in (_files_under(path) if path.is_dir() else [path])
+            if not pattern or path.is_dir() or f.suffix.lower() in (*IMAGE_SUFFIXES, CLIP_SUFFIX)
+        ]
+        if not files:
+            raise InputError(
+                f"input {arg!r}: no image files or {CLIP_SUFFIX} clips {'matched' if pattern else 'under'} "
+                f"{arg if pattern else matches[0]} (images: {', '.join(IMAGE_SUFFIXES)}; a directory of "
+                "frames is one clip with --clip)"
+            )
+        found.extend(_file_input(f) for f in files)
+    for arg in clips:
+        found.extend(_clip_input(path, arg) for path in _expand(arg)[0])
+    seen: set[Path] = set()
+    unique = []
+    for inp in found:
+        key = inp.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(inp)
+    return unique
+
+
+def shard(inputs: Sequence[Input], rank: int, world_size: int) -> list[Input]:
+    """The inputs of ``rank``: every ``world_size``-th one, starting at ``rank`` (strided, so ranks get
+    similar mixes when input sizes drift along the list)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return list(inputs[rank::world_size])
+
+
+def read(inp: Input) -> list[Image.Image] | list[np.ndarray]:
+    """The pixels of an input as the processor takes them: a list of one image, or the frames of a clip."""
+    if inp.kind == "image":
+        return [_open_image(inp.path)]
+    if inp.kind == "frames":
+        return [_open_image(f) for f in inp.frames]
+    return _load_array(inp.path)
+
+
+def _open_image(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def _load_array(path: Path) -> list[np.ndarray]:
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != 4 or array.dtype != np.uint8 or array.shape[0] == 0:
+        raise ValueError(f"a .npy clip must be a non-empty uint8 [T, H, W, C] array, got {array.dtype} {array.shape}")
+    return list(array)

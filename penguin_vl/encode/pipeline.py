@@ -1,0 +1,278 @@
+"""The encoding loop of one process on one device::
+
+    inputs -> thread pool: read + preprocess each input
+           -> packer thread: pack, in input order, into varlen batches of at most ``batch_tokens``
+              patches (an input larger than that is a batch of its own)
+           -> main thread: encoder forward -> split per input -> sink
+
+The pool runs a bounded window of inputs ahead and the packer keeps two packed batches ready, so the
+device does not wait for image decoding or resizing. On CUDA the host copy of batch k's features is
+queued behind its forward and collected only after batch k+1 has been launched, so the device also
+does not wait for the split and the write.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from penguin_vl.encode.inputs import Input, read
+from penguin_vl.encode.progress import Progress
+from penguin_vl.encode.sinks import Sink
+from penguin_vl.model import PenguinEncoder
+from penguin_vl.processor import ImageProcessor, restore_default_torch_threads, torch_worker_pool
+
+__all__ = ["Prepared", "Summary", "encode", "prepare"]
+
+
+@dataclass
+class Prepared:
+    """One preprocessed input: its rows of the packed batch and its grid."""
+
+    name: str
+    pixel_values: torch.Tensor  # [n, C*p*p] float32
+    grid_sizes: torch.Tensor  # [rows, 3] int64
+    merge_sizes: torch.Tensor  # [rows] int64
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return self.pixel_values.shape[0]
+
+    @property
+    def out_tokens(self) -> int:
+        g, m = self.grid_sizes, self.merge_sizes
+        return int((g[:, 0] * (g[:, 1] // m) * (g[:, 2] // m)).sum())
+
+
+@dataclass
+class _Batch:
+    items: list[Prepared]
+    pixel_values: torch.Tensor
+    grid_sizes: torch.Tensor
+    merge_sizes: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+@dataclass
+class _Failure:
+    name: str
+    reason: str
+
+
+_END = object()
+
+
+def prepare(inp: Input, processor: ImageProcessor, merge_size: int, clip_merge_size: int) -> Prepared:
+    """Read and preprocess one input. An image is a list of one, so it is sized on its own; a clip is the
+    list of its frames, sized together from the first with the token budget shared (the reference's video
+    path), one grid row per frame."""
+    start = time.perf_counter()
+    out = processor(read(inp), merge_size=clip_merge_size if inp.is_clip else merge_size)
+    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, time.perf_counter() - start)
+
+
+def _prepared_in_order(
+    inputs: Sequence[Input], fn: Callable[[Input], Prepared], pool: cf.Executor, window: int, stop: threading.Event
+) -> Iterator[Prepared | _Failure]:
+    """Results in input order while at most ``window`` inputs are in flight in ``pool``."""
+    pending: deque[tuple[Input, cf.Future]] = deque()
+    todo = iter(inputs)
+    for inp in todo:
+        pending.append((inp, pool.submit(fn, inp)))
+        if len(pending) >= window:
+            break
+    while pending and not stop.is_set():
+        inp, future = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(fn, nxt)))
+        try:
+            yield future.result()
+        except Exception as e:  # noqa: BLE001 (an unreadable input is reported and skipped, whatever the cause)
+            yield _Failure(inp.name, f"{type(e).__name__}: {e}")
+
+
+def _pack(items: list[Prepared], pin: bool) -> _Batch:
+    n = sum(p.tokens for p in items)
+    pixel_values = torch.empty((n, items[0].pixel_values.shape[1]), dtype=torch.float32, pin_memory=pin)
+    torch.cat([p.pixel_values for p in items], out=pixel_values)
+    return _Batch(
+        items,
+        pixel_values,
+        torch.cat([p.grid_sizes for p in items]),
+        torch.cat([p.merge_sizes for p in items]),
+    )
+
+
+def _batches(results: Iterable[Prepared | _Failure], batch_tokens: int, pin: bool) -> Iterator[_Batch | _Failure]:
+    group: list[Prepared] = []
+    tokens = 0
+    for r in results:
+        if isinstance(r, _Failure):
+            yield r
+            continue
+        if group and tokens + r.tokens > batch_tokens:
+            yield _pack(group, pin)
+            group, tokens = [], 0
+        group.append(r)
+        tokens += r.tokens
+    if group:
+        yield _pack(group, pin)
+
+
+@dataclass
+class Summary:
+    """What a run did. Times in seconds; ``preprocess`` is summed over the pool's workers and overlaps the
+    encoder, ``input_wait`` is the time the encoder loop waited for a packed batch."""
+
+    items: int = 0
+    tokens: int = 0
+    out_tokens: int = 0
+    batches: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    encoded: list[str] = field(default_factory=list)
+    preprocess: float = 0.0
+    input_wait: float = 0.0
+    encode: float = 0.0
+    write: float = 0.0
+    total: float = 0.0
+
+
+def encode(
+    model: PenguinEncoder,
+    processor: ImageProcessor,
+    inputs: Sequence[Input],
+    sink: Sink,
+    *,
+    metadata: dict[str, str],
+    batch_tokens: int = 16384,
+    merge_size: int = 1,
+    clip_merge_size: int = 2,
+    project: bool = False,
+    workers: int = 4,
+    progress: Progress | None = None,
+) -> Summary:
+    """Encode ``inputs`` into ``sink``; failed inputs are recorded in the summary (and the metadata) and skipped.
+
+    ``metadata`` (see :func:`run_metadata`) is written into every output file, with ``inputs`` (the names
+    encoded, in order) and ``failed`` (name -> reason) added as JSON. If this raises, neither the single file
+    nor an index is written; a :class:`DirSink` keeps the per-input files it completed. Without a single
+    input encoded, a run of one rank writes nothing.
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    if workers < 1:
+        raise ValueError(f"workers must be positive, got {workers}")
+    summary = Summary()
+    start = time.perf_counter()
+    device = model.device
+    on_cuda = device.type == "cuda"
+    sink.begin(metadata)
+    stop = threading.Event()
+    ready: queue.Queue = queue.Queue(maxsize=2)
+
+    def fn(inp: Input) -> Prepared:
+        return prepare(inp, processor, merge_size, clip_merge_size)
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def packer(pool: cf.Executor) -> None:
+        try:
+            window = max(32, 4 * workers)
+            for item in _batches(_prepared_in_order(inputs, fn, pool, window, stop), batch_tokens, on_cuda):
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 (handed to the main thread, which raises it)
+            put(e)
+
+    def finish(batch: _Batch, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        t0 = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        summary.encode += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sizes = [p.out_tokens for p in batch.items]
+        for p, feats in zip(batch.items, host.split(sizes), strict=True):
+            sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes)
+            summary.encoded.append(p.name)
+            summary.out_tokens += feats.shape[0]
+        summary.write += time.perf_counter() - t0
+        summary.items += len(batch.items)
+        summary.tokens += batch.tokens
+        summary.batches += 1
+        summary.preprocess += sum(p.seconds for p in batch.items)
+        if progress is not None:
+            progress.update(len(batch.items), batch.tokens)
+
+    pool = torch_worker_pool(workers, "penguin-preprocess")
+    thread = threading.Thread(target=packer, args=(pool,), name="penguin-packer", daemon=True)
+    thread.start()
+    inflight: tuple[_Batch, torch.Tensor, torch.cuda.Event | None] | None = None
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = ready.get()
+            summary.input_wait += time.perf_counter() - t0
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _Failure):
+                summary.failed[item.name] = item.reason
+                if progress is not None:
+                    progress.update(1, 0, failed=1)
+                continue
+            t0 = time.perf_counter()
+            pixel_values = item.pixel_values.to(device, non_blocking=True)
+            with torch.inference_mode():
+                feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
+            host, event = feats, None
+            if on_cuda:
+                host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                host.copy_(feats, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            summary.encode += time.perf_counter() - t0
+            if inflight is not None:
+                finish(*inflight)
+            inflight = (item, host, event)
+        if inflight is not None:
+            finish(*inflight)
+            inflight = None
+        final = dict(metadata)
+        final["inputs"] = json.dumps(summary.encoded)
+        final["failed"] = json.dumps(summary.failed)
+        t0 = time.perf_counter()
+        if summary.encoded or sink.sharded:
+            sink.commit(final)
+        summary.write += time.perf_counter() - t0
+    finally:
+        if progress is not None:
+            progress.close()
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        thread.join(timeout=5)
+        restore_default_torch_threads()
+    summary.total = time.perf_counter() - start
+    return summary
