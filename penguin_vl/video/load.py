@@ -21,8 +21,11 @@ from penguin_vl.video.decode import packet_timeline as _packet_timeline
 from penguin_vl.video.keyframes import KeyFrameTyper
 from penguin_vl.video.timing import Timeline, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
 
-__all__ = ["Video", "VideoError", "load_video"]
+__all__ = ["VIDEO_SUFFIXES", "Video", "VideoError", "is_video_file", "load_video"]
 
+# file names taken for videos where inputs of several kinds mix (the processor, the command line);
+# GIFs stay images there: load_video reads them as clips when asked
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".flv", ".wmv")
 FOLDER_FPS = 3  # the rate the reference assumes for a folder of frames (sic)
 GIF_FPS = 25  # and for a GIF, whatever its frame delays (sic)
 _IMAGE_SUFFIXES = ("png", "jpg", "jpeg")  # the reference hands these to its image loader
@@ -43,6 +46,11 @@ class Video:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+def is_video_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a video file by its suffix (one of :data:`VIDEO_SUFFIXES`, any case)."""
+    return os.fspath(path).lower().endswith(VIDEO_SUFFIXES)
 
 
 def load_video(
