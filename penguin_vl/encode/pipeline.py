@@ -25,28 +25,36 @@ from typing import Any
 
 import torch
 
-from penguin_vl.encode.inputs import Input, read
+from penguin_vl.encode.inputs import RELEASED_SAMPLING, Input, VideoOptions, read
 from penguin_vl.encode.progress import Progress
 from penguin_vl.encode.sinks import Sink
 from penguin_vl.model import PenguinEncoder
 from penguin_vl.processor import ImageProcessor, restore_default_torch_threads, torch_worker_pool
+from penguin_vl.video import Video
 
 __all__ = ["Prepared", "Summary", "encode", "prepare"]
 
 
 @dataclass
 class Prepared:
-    """One preprocessed input: its rows of the packed batch and its grid."""
+    """One preprocessed input: its rows of the packed batch and its grid; for a video, its frames'
+    timestamps (seconds, float64) and types (0 key, 1 intermediate, int32)."""
 
     name: str
     pixel_values: torch.Tensor  # [n, C*p*p] float32
     grid_sizes: torch.Tensor  # [rows, 3] int64
     merge_sizes: torch.Tensor  # [rows] int64
     seconds: float
+    timestamps: torch.Tensor | None = None  # [frames] float64
+    frame_types: torch.Tensor | None = None  # [frames] int32
 
     @property
     def tokens(self) -> int:
         return self.pixel_values.shape[0]
+
+    @property
+    def frames(self) -> int:
+        return int(self.grid_sizes[:, 0].sum())
 
     @property
     def out_tokens(self) -> int:
@@ -75,13 +83,27 @@ class _Failure:
 _END = object()
 
 
-def prepare(inp: Input, processor: ImageProcessor, merge_size: int, clip_merge_size: int) -> Prepared:
+def prepare(
+    inp: Input,
+    processor: ImageProcessor,
+    merge_size: int,
+    clip_merge_size: int,
+    video: VideoOptions = RELEASED_SAMPLING,
+) -> Prepared:
     """Read and preprocess one input. An image is a list of one, so it is sized on its own; a clip is the
     list of its frames, sized together from the first with the token budget shared (the reference's video
-    path), one grid row per frame."""
+    path), one grid row per frame; a video file is decoded and sampled here (in the pool), then is a clip
+    whose frame types split the budget between key and intermediate frames."""
     start = time.perf_counter()
-    out = processor(read(inp), merge_size=clip_merge_size if inp.is_clip else merge_size)
-    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, time.perf_counter() - start)
+    pixels = read(inp, video)
+    if isinstance(pixels, Video):
+        out = processor(list(pixels.frames), merge_size=clip_merge_size, frame_types=pixels.frame_types)
+        timestamps, types = torch.from_numpy(pixels.timestamps), torch.from_numpy(pixels.frame_types)
+    else:
+        out = processor(pixels, merge_size=clip_merge_size if inp.is_clip else merge_size)
+        timestamps = types = None
+    seconds = time.perf_counter() - start
+    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, seconds, timestamps, types)
 
 
 def _prepared_in_order(
@@ -139,6 +161,7 @@ class Summary:
     encoder, ``input_wait`` is the time the encoder loop waited for a packed batch."""
 
     items: int = 0
+    frames: int = 0
     tokens: int = 0
     out_tokens: int = 0
     batches: int = 0
@@ -161,6 +184,7 @@ def encode(
     batch_tokens: int = 16384,
     merge_size: int = 1,
     clip_merge_size: int = 2,
+    video: VideoOptions = RELEASED_SAMPLING,
     project: bool = False,
     workers: int = 4,
     progress: Progress | None = None,
@@ -170,7 +194,8 @@ def encode(
     ``metadata`` (see :func:`run_metadata`) is written into every output file, with ``inputs`` (the names
     encoded, in order) and ``failed`` (name -> reason) added as JSON. If this raises, neither the single file
     nor an index is written; a :class:`DirSink` keeps the per-input files it completed. Without a single
-    input encoded, a run of one rank writes nothing.
+    input encoded, a run of one rank writes nothing. ``video``: how video files are sampled; their frames'
+    timestamps and types go to the sink beside the features.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -185,7 +210,7 @@ def encode(
     ready: queue.Queue = queue.Queue(maxsize=2)
 
     def fn(inp: Input) -> Prepared:
-        return prepare(inp, processor, merge_size, clip_merge_size)
+        return prepare(inp, processor, merge_size, clip_merge_size, video)
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -214,16 +239,19 @@ def encode(
         t0 = time.perf_counter()
         sizes = [p.out_tokens for p in batch.items]
         for p, feats in zip(batch.items, host.split(sizes), strict=True):
-            sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes)
+            extra = {} if p.timestamps is None else {"timestamps": p.timestamps, "frame_types": p.frame_types}
+            sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes, **extra)
             summary.encoded.append(p.name)
             summary.out_tokens += feats.shape[0]
         summary.write += time.perf_counter() - t0
+        frames = sum(p.frames for p in batch.items)
         summary.items += len(batch.items)
+        summary.frames += frames
         summary.tokens += batch.tokens
         summary.batches += 1
         summary.preprocess += sum(p.seconds for p in batch.items)
         if progress is not None:
-            progress.update(len(batch.items), batch.tokens)
+            progress.update(len(batch.items), batch.tokens, frames=frames)
 
     pool = torch_worker_pool(workers, "penguin-preprocess")
     thread = threading.Thread(target=packer, args=(pool,), name="penguin-packer", daemon=True)

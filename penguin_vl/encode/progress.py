@@ -9,17 +9,19 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """A one-line progress bar on a text stream: items, items/s, tokens/s, ETA."""
+    """A one-line progress bar on a text stream: items, items/s, frames (when clips and videos are in the
+    run), tokens/s, ETA."""
 
     def __init__(self, total: int, stream: TextIO | None, label: str = "") -> None:
         self.total, self.stream, self.label = total, stream, label
-        self.items = self.tokens = self.failed = 0
+        self.items = self.tokens = self.failed = self.frames = 0
         self.start = self._last = time.perf_counter()
 
-    def update(self, items: int, tokens: int, failed: int = 0) -> None:
+    def update(self, items: int, tokens: int, failed: int = 0, frames: int = 0) -> None:
         self.items += items
         self.tokens += tokens
         self.failed += failed
+        self.frames += frames
         now = time.perf_counter()
         if self.stream is not None and (now - self._last >= 0.1 or self.items >= self.total):
             self._last = now
@@ -32,8 +34,10 @@ class Progress:
         rate = self.items / elapsed
         eta = f"{(self.total - self.items) / rate:.0f}s" if rate > 0 and self.items < self.total else "-"
         failed = f" | {self.failed} failed" if self.failed else ""
+        # an image is one frame: the count says something only when clips or videos are in the run
+        frames = f" | {self.frames:,} frames" if self.frames > self.items else ""
         self.stream.write(
-            f"\r{self.label}[{bar}] {self.items}/{self.total} | {rate:.2f} items/s | "
+            f"\r{self.label}[{bar}] {self.items}/{self.total} | {rate:.2f} items/s{frames} | "
             f"{self.tokens / elapsed:,.0f} tokens/s | ETA {eta}{failed}   "
         )
         self.stream.flush()

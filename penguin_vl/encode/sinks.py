@@ -98,8 +98,17 @@ class Sink(Protocol):
         """The run's metadata (see :func:`run_metadata`), before the first input."""
         ...
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> None:
-        """One encoded input."""
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
+        """One encoded input; a video's frames also have timestamps (seconds) and types (0 key, 1 intermediate)."""
         ...
 
     def commit(self, metadata: dict[str, str]) -> Path:
@@ -119,9 +128,17 @@ def index_path(out: Path, directory: bool) -> Path:
     return out / "index.json" if directory else out.with_name(f"{out.stem}.index.json")
 
 
+def _video_tensors(timestamps: torch.Tensor | None, frame_types: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if timestamps is None or frame_types is None:
+        return {}
+    return {"timestamps": timestamps, "frame_types": frame_types}
+
+
 class FileSink:
     """All features in one safetensors file, written once at the end: ``<name>.features`` [n, dim] in the
-    model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64."""
+    model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64; for
+    a video also ``<name>.timestamps`` [frames] float64 (seconds) and ``<name>.frame_types`` [frames] int32
+    (0 key, 1 intermediate)."""
 
     def __init__(self, path: Path, rank: int = 0, world_size: int = 1, *, overwrite: bool = True) -> None:
         self.overwrite = overwrite
@@ -144,10 +161,21 @@ class FileSink:
     def begin(self, metadata: dict[str, str]) -> None:
         """Nothing to do: the one file is written at the end, with the final metadata."""
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> None:
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
         self.tensors[f"{name}.features"] = features
         self.tensors[f"{name}.grid"] = grid
         self.tensors[f"{name}.merge"] = merge
+        for key, tensor in _video_tensors(timestamps, frame_types).items():
+            self.tensors[f"{name}.{key}"] = tensor
 
     def commit(self, metadata: dict[str, str]) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +203,8 @@ def _file_names(names: Sequence[str]) -> dict[str, str]:
 
 
 class DirSink:
-    """One safetensors file per input in a directory (tensors ``features``, ``grid``, ``merge``), each written
+    """One safetensors file per input in a directory (tensors ``features``, ``grid``, ``merge``, and for a
+    video ``timestamps`` and ``frame_types``), each written
     as soon as its input is encoded, and at the end ``index.json`` mapping input names to files (a rank's
     ``index.rankRRRRR-of-WWWWW.json`` under torchrun). File names are derived from all the inputs of the run,
     so ranks never collide."""
@@ -215,10 +244,19 @@ class DirSink:
         """Every per-input file carries the run's metadata."""
         self.metadata = dict(metadata)
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> None:
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         file = self.files[name]
-        tensors = {"features": features, "grid": grid, "merge": merge}
+        tensors = {"features": features, "grid": grid, "merge": merge, **_video_tensors(timestamps, frame_types)}
         metadata = {**self.metadata, "name": name}
         atomic_write(self.dir / file, lambda tmp: save_file(tensors, tmp, metadata=metadata), replace=self.overwrite)
         self.written[name] = file

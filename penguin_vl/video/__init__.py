@@ -2,6 +2,15 @@
 decoding only the frames it keeps, in memory bounded by what it returns."""
 
 from penguin_vl.video.keyframes import KeyFrameTyper, rgb_to_hsv
-from penguin_vl.video.load import VIDEO_SUFFIXES, Video, VideoError, is_video_file, load_video
+from penguin_vl.video.load import VIDEO_SUFFIXES, Video, VideoError, check_sampling, is_video_file, load_video
 
-__all__ = ["VIDEO_SUFFIXES", "KeyFrameTyper", "Video", "VideoError", "is_video_file", "load_video", "rgb_to_hsv"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "KeyFrameTyper",
+    "Video",
+    "VideoError",
+    "check_sampling",
+    "is_video_file",
+    "load_video",
+    "rgb_to_hsv",
+]

@@ -21,7 +21,7 @@ from penguin_vl.video.decode import packet_timeline as _packet_timeline
 from penguin_vl.video.keyframes import KeyFrameTyper
 from penguin_vl.video.timing import Timeline, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
 
-__all__ = ["VIDEO_SUFFIXES", "Video", "VideoError", "is_video_file", "load_video"]
+__all__ = ["VIDEO_SUFFIXES", "Video", "VideoError", "check_sampling", "is_video_file", "load_video"]
 
 # file names taken for videos where inputs of several kinds mix (the processor, the command line);
 # GIFs stay images there: load_video reads them as clips when asked
@@ -48,6 +48,21 @@ class Video:
         return len(self.frames)
 
 
+def check_sampling(fps: float, max_frames: int, start: float | None, end: float | None) -> None:
+    """Raise ``ValueError`` (naming the argument) unless these are arguments :func:`load_video` can use."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1:
+        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(f"{name} must be None or a finite number of seconds >= 0, got {value!r}")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"start ({start}) must be before end ({end})")
+
+
 def is_video_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a video file by its suffix (one of :data:`VIDEO_SUFFIXES`, any case)."""
     return os.fspath(path).lower().endswith(VIDEO_SUFFIXES)
@@ -70,17 +85,7 @@ def load_video(
     hold no frame in the window, ``ValueError`` for bad arguments.
     """
     where = os.fspath(path)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-    if isinstance(max_frames, bool) or not isinstance(max_frames, (int, np.integer)) or max_frames < 1:
-        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
-    for name, value in (("start", start), ("end", end)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0)
-        ):
-            raise ValueError(f"{name} must be None or a finite number of seconds >= 0, got {value!r}")
-    if start is not None and end is not None and start >= end:
-        raise ValueError(f"start ({start}) must be before end ({end})")
+    check_sampling(fps, max_frames, start, end)
     fps, max_frames = float(fps), int(max_frames)
     if os.path.isdir(where):
         return _folder(where, fps, max_frames, start, end)
