@@ -8,11 +8,7 @@ a numpy HSV instead: the same bits, about twice the time per frame.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -31,25 +27,7 @@ _ARGTYPES = [_P, _I64, _I32, _I32, _I32, _I32, _P, _P, _P, _I32, _P, _P, _P, _I3
 
 
 def _build() -> ctypes.CDLL:
-    cc = _native._compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found")
-    flags = [*_native._flags(), "-lm"]
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), *(s.encode() for s in (*cc, *flags, platform.machine()))]))
-    target = _native._cache_dir() / f"keyframes-{key.hexdigest()[:20]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"{Path(cc[0]).name} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    lib = _native.build(SOURCE)
     lib.penguin_keyframe_patches.argtypes = _ARGTYPES
     lib.penguin_keyframe_patches.restype = ctypes.c_int
     return lib
