@@ -3,10 +3,11 @@
 The reference pipes every frame through ``fps`` and ``format=rgb24`` and keeps what comes out. Which
 frames come out depends on timestamps alone (:mod:`penguin_vl.video.timing`), so here the packets
 are demuxed first (~7 ms for a 29 s clip), the picks worked out, and the decoder then skips the
-frames no pick needs where it can: a frame no other frame references (``skip_frame=NONREF``) is not
-decoded at all unless it is picked, and decoding stops after the last frame needed. On the SPEC's
-29 s 608x342 H.264 clip, 368 of 730 frames are references and the decode takes ~0.4 s instead of
-~0.75 s. The picked frames go through ``format=rgb24`` (after the command line's autorotation
+frames no pick needs where it can: a frame no other frame references (``skip_frame=NONREF``, for
+the codecs listed in ``_SKIP_NONREF``) is not decoded at all unless it is picked, decoding starts two
+GOPs before the first frame needed (a trimmed read of a long file seeks), and stops after the last
+frame needed. On the SPEC's 29 s 608x342 H.264 clip, 368 of 730 frames are references and the decode
+takes ~0.4 s instead of ~0.75 s (slice threads; frame threads were not faster on 2 cores). The picked frames go through ``format=rgb24`` (after the command line's autorotation
 filters) in a libavfilter graph, so their pixels are the filter graph's.
 
 The plan is checked as the frames arrive: every picked frame must come out of the decoder with the
