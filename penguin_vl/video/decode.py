@@ -7,8 +7,9 @@ frames no pick needs where it can: a frame no other frame references (``skip_fra
 the codecs listed in ``_SKIP_NONREF``) is not decoded at all unless it is picked, decoding starts two
 GOPs before the first frame needed (a trimmed read of a long file seeks), and stops after the last
 frame needed. On the SPEC's 29 s 608x342 H.264 clip, 368 of 730 frames are references and the decode
-takes ~0.4 s instead of ~0.75 s (slice threads; frame threads were not faster on 2 cores). The picked frames go through ``format=rgb24`` (after the command line's autorotation
-filters) in a libavfilter graph, so their pixels are the filter graph's.
+takes ~0.4 s instead of ~0.75 s (slice threads; frame threads were not faster on 2 cores). The
+picked frames go through ``format=rgb24`` (after the command line's autorotation filters) in a
+libavfilter graph, so their pixels are the filter graph's.
 
 The plan is checked as the frames arrive: every picked frame must come out of the decoder with the
 timestamp the packets gave it, and the stream's last frame too (its end sets the number of output
