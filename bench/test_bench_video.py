@@ -30,8 +30,6 @@ from penguin_vl.video import KeyFrameTyper
 from penguin_vl.video.reference import reference_frame_types, reference_load_video
 from tests.video_samples import make_video
 
-pytest.importorskip("cv2")  # the reference types key frames with OpenCV
-
 CLIPS = {
     "608x342_25fps_29s_fps1": dict(size=(608, 342), rate=25, frames=725, fps=1.0),
     "854x480_24fps_20s_fps2": dict(size=(854, 480), rate=24, frames=480, fps=2.0),

@@ -1,5 +1,5 @@
-"""Key-frame typing against the reference's extract_ki_frames (OpenCV HSV, all frames resized at once,
-both frames converted again at every comparison)."""
+"""Key-frame typing against the reference's extract_ki_frames (all frames resized at once, both frames
+converted to HSV again at every comparison; with OpenCV's HSV where it is installed)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from penguin_vl.video.keyframes import key_frame_size
 from penguin_vl.video.reference import reference_frame_types, reference_smart_resize
 from tests.video_samples import picture
 
-cv2 = pytest.importorskip("cv2")
-
 
 def test_hsv_equals_opencv_for_every_colour() -> None:
+    cv2 = pytest.importorskip("cv2")
     code = np.arange(2**24, dtype=np.uint32)
     rgb = np.stack([code >> 16, (code >> 8) & 255, code & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
     assert np.array_equal(rgb_to_hsv(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))

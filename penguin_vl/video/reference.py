@@ -4,8 +4,10 @@ Every frame is decoded and pushed through a libavfilter graph built as the ``ffm
 builds it (input time offset, ``trim`` for ``-ss``/``-t``, ``fps=<fps>:round=down``,
 ``format=rgb24``), every sampled frame is held, then thinned with ``linspace``; key frames are typed
 with the reference's algorithm: all frames resized at once, and at every comparison both frames
-converted to HSV with OpenCV and cut into patches again. OpenCV is imported only here, and only
-when key frames are typed: it is not a dependency of the package.
+converted to HSV with OpenCV and cut into patches again. OpenCV is imported only here: it is not a
+dependency of the package. Where it is not installed, the HSV conversion is the package's own
+(:func:`penguin_vl.video.rgb_to_hsv`, equal to OpenCV's for every colour where both run); folders
+of frames, which the reference reads with OpenCV, need it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from penguin_vl.video.keyframes import rgb_to_hsv
 
 __all__ = ["reference_frame_types", "reference_load_video", "reference_smart_resize"]
 
@@ -40,12 +44,18 @@ def reference_smart_resize(height: int, width: int, factor: int, min_pixels: int
     return max(h, factor), max(w, factor)
 
 
-def _frame_similarity(frame1: torch.Tensor, frame2: torch.Tensor) -> float:
-    import cv2
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError:
+        return rgb_to_hsv(rgb)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
 
+
+def _frame_similarity(frame1: torch.Tensor, frame2: torch.Tensor) -> float:
     def hsv_patches(t: torch.Tensor) -> torch.Tensor:
         arr = t.permute(1, 2, 0).numpy().astype(np.uint8)
-        hsv = torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_RGB2HSV)).permute(2, 0, 1).float()
+        hsv = torch.from_numpy(_rgb_to_hsv(arr)).permute(2, 0, 1).float()
         c, h, w = hsv.shape
         return hsv.reshape(c, h // 14, 14, w // 14, 14).permute(1, 3, 0, 2, 4).reshape(h // 14, w // 14, c * 196)
 
