@@ -41,9 +41,10 @@ _HSV_SHIFT = 12
 _HALF = 1 << (_HSV_SHIFT - 1)
 
 
-def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
-    # OpenCV's fixed-point tables (saturate_cast rounds to nearest; no entry is a tie), folded into
-    # lookups: S by (V, max - min), H by (hue numerator + 255, max - min), wrapped to 0..179
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # OpenCV's fixed-point reciprocals (saturate_cast rounds to nearest; no entry is a tie), and the
+    # same arithmetic folded into lookups for numpy: S by (V, max - min), H by (hue numerator + 255,
+    # max - min), wrapped to 0..179
     i = np.arange(1, 256)
     sdiv = np.concatenate([[0], np.round((255 << _HSV_SHIFT) / i)]).astype(np.int64)
     hdiv = np.concatenate([[0], np.round((180 << _HSV_SHIFT) / (6 * i))]).astype(np.int64)
@@ -51,10 +52,10 @@ def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
     s = (diff[None, :] * sdiv[:, None] + _HALF) >> _HSV_SHIFT
     h = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + _HALF) >> _HSV_SHIFT
     h = np.where(h < 0, h + 180, h)
-    return s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
+    return sdiv.astype(np.int32), hdiv.astype(np.int32), s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
 
 
-_S_TABLE, _H_TABLE = _hsv_tables()
+_SDIV, _HDIV, _S_TABLE, _H_TABLE = _hsv_tables()
 
 
 def key_frame_size(height: int, width: int) -> tuple[int, int]:
@@ -116,6 +117,7 @@ class KeyFrameTyper:
         self.size = key_frame_size(height, width)
         self._key_unit: torch.Tensor | None = None  # last key frame's patches over their norms
         self._key_dark: torch.Tensor | None = None  # its near-black patches
+        self._product: torch.Tensor | None = None
         self._lib = _compiled.library()
         if self._lib is not None:
             rh, rw = self.size
@@ -131,13 +133,17 @@ class KeyFrameTyper:
         patches = self._patches(frame)
         norm = torch.norm(patches, p=2, dim=-1, keepdim=True) + _EPS
         dark = norm.squeeze(-1) < _NEAR_BLACK
-        if self._key_unit is not None:
-            cos = (self._key_unit * patches / norm).sum(dim=-1)
+        if self._key_unit is None:
+            # the full-size products live in buffers kept across frames (no page faults per frame)
+            self._key_unit, self._product = torch.empty_like(patches), torch.empty_like(patches)
+        else:
+            # (key / |key| * patch) / |patch|, the reference's order, op for op
+            cos = torch.mul(self._key_unit, patches, out=self._product).div_(norm).sum(dim=-1)
             kept = ~(self._key_dark & dark)
             similar = (cos[kept] > PATCH_SIMILAR).float().mean().item()
             if not similar < FRAME_SIMILAR:
                 return 1
-        self._key_unit = patches / norm
+        torch.div(patches, norm, out=self._key_unit)
         self._key_dark = dark
         return 0
 
@@ -153,7 +159,7 @@ class KeyFrameTyper:
                 _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
                 _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
                 _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
-                _pointer(_S_TABLE), _pointer(_H_TABLE), PATCH, _pointer(self._work), _pointer(self._rgb),
+                _pointer(_SDIV), _pointer(_HDIV), PATCH, _pointer(self._work), _pointer(self._rgb),
                 _pointer(patches),
             )  # fmt: skip
             return torch.from_numpy(patches)
