@@ -96,3 +96,27 @@ def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, heig
     frames.append(np.asarray(frames[1][:, ::-1]))  # a strided view
     for frame in frames:
         assert torch.equal(compiled._patches(frame), fallback._patches(frame))
+
+
+def drifting_frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
+    # grey replacing saturated blue block by block: patch cosines on both sides of 0.7
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 40, (height, width, 1))
+    a = (np.array([0, 20, 215]) + texture).astype(np.uint8)
+    b = (np.array([160, 160, 160]) + texture).astype(np.uint8)
+    mask = np.kron(rng.random((height // 14 + 1, width // 14 + 1)), np.ones((14, 14)))[:height, :width, None]
+    return np.stack([np.where(mask < t, b, a) for t in np.linspace(0, 1, n)])
+
+
+@pytest.mark.parametrize("decided", [None, 1.0], ids=["integers", "every-patch-by-torch"])
+def test_integer_decisions_equal_torch_ops(monkeypatch: pytest.MonkeyPatch, decided: float | None) -> None:
+    if decided is not None:  # every patch counted as close to the threshold: all take the torch rows
+        monkeypatch.setattr("penguin_vl.video.keyframes._DECIDED", decided)
+    frames = np.concatenate([drifting_frames(40, 84, 112, 3), drifting_frames(25, 84, 112, 8)[::-1]])
+    compiled = typed(frames)
+    with monkeypatch.context() as env:
+        env.setenv("PENGUIN_VL_NATIVE", "0")
+        fallback = typed(frames)
+    assert np.array_equal(compiled, fallback)
+    assert np.array_equal(compiled, reference_frame_types(frames))
+    assert 0 < compiled.sum() < len(frames) - 1

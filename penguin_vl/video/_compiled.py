@@ -30,6 +30,8 @@ def _build() -> ctypes.CDLL:
     lib = _native.build(SOURCE)
     lib.penguin_keyframe_patches.argtypes = _ARGTYPES
     lib.penguin_keyframe_patches.restype = ctypes.c_int
+    lib.penguin_patch_dots.argtypes = [_P, _P, _I64, _I32, _P]
+    lib.penguin_patch_dots.restype = None
     return lib
 
 

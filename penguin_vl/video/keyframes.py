@@ -36,6 +36,9 @@ PATCH_SIMILAR = 0.7  # cosine above which two patches count as similar
 FRAME_SIMILAR = 0.95  # share of similar patches below which a frame starts a new key frame
 _EPS = 1e-8
 _NEAR_BLACK = 0.01
+# how far the reference's float32 cosine can be from the exact one: 588 units in the last place
+# (2^-24 each) for its norms' sums, the same for its cosine's sum, a few for the divisions; twice that
+_DECIDED = 2 * 3 * 588 * 2.0**-24
 
 _HSV_SHIFT = 12
 _HALF = 1 << (_HSV_SHIFT - 1)
@@ -111,58 +114,114 @@ def _pointer(array: np.ndarray) -> int:
 
 
 class KeyFrameTyper:
-    """Types frames of one size as they arrive: :meth:`add` returns 0 (key) or 1 (intermediate)."""
+    """Types frames of one size as they arrive: :meth:`add` returns 0 (key) or 1 (intermediate).
+
+    With the compiled kernel, similarities are decided from exact integer dot products of the HSV
+    patches: the reference's float32 cosine is within ``_DECIDED`` of the exact one (each of its ~four
+    roundings per term and its sums of 588 terms costs at most 588 units in the last place, 3.5e-5), so
+    a patch whose exact cosine is further than that from 0.7 is decided the same way; the few closer
+    ones are computed with the reference's torch ops on their rows (a row's norm and sum do not depend
+    on the rows beside it). Without the kernel, every patch takes the reference's torch ops.
+    """
 
     def __init__(self, height: int, width: int):
         self.size = key_frame_size(height, width)
-        self._key_unit: torch.Tensor | None = None  # last key frame's patches over their norms
-        self._key_dark: torch.Tensor | None = None  # its near-black patches
+        rh, rw = self.size
+        self._grid = (rh // PATCH, rw // PATCH)
+        self._key: torch.Tensor | None = None  # last key frame: unit patches (torch path) or uint8 patches
+        self._key_dark: torch.Tensor | np.ndarray | None = None  # its all-black patches
+        self._key_squares: np.ndarray | None = None  # its squared norms (compiled path)
         self._product: torch.Tensor | None = None
         self._lib = _compiled.library()
         if self._lib is not None:
-            rh, rw = self.size
             self._h = _resize_taps(width, rw)
             self._v = _resize_taps(height, rh)
             self._work = np.empty(height * rw + 8 * (width + rw), dtype=np.float32)
             self._rgb = np.empty((3, rh, rw), dtype=np.uint8)
-            # reused: a fresh 2 MB buffer a frame costs its page faults (~0.3 ms); no patches outlive add()
-            self._cut = np.empty((rh // PATCH, rw // PATCH, 3 * PATCH * PATCH), dtype=np.float32)
+            # two patch buffers: one holds the key frame, the next frame is cut into the other
+            self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
+            self._cut = self._buffers[0]
 
     def add(self, frame: np.ndarray) -> int:
         """Type the next frame (uint8 ``[H, W, 3]``)."""
+        if self._lib is not None:
+            return self._add_exact_integers(frame)
         patches = self._patches(frame)
         norm = torch.norm(patches, p=2, dim=-1, keepdim=True) + _EPS
         dark = norm.squeeze(-1) < _NEAR_BLACK
-        if self._key_unit is None:
+        if self._key is None:
             # the full-size products live in buffers kept across frames (no page faults per frame)
-            self._key_unit, self._product = torch.empty_like(patches), torch.empty_like(patches)
+            self._key, self._product = torch.empty_like(patches), torch.empty_like(patches)
         else:
             # (key / |key| * patch) / |patch|, the reference's order, op for op
-            cos = torch.mul(self._key_unit, patches, out=self._product).div_(norm).sum(dim=-1)
+            cos = torch.mul(self._key, patches, out=self._product).div_(norm).sum(dim=-1)
             kept = ~(self._key_dark & dark)
             similar = (cos[kept] > PATCH_SIMILAR).float().mean().item()
             if not similar < FRAME_SIMILAR:
                 return 1
-        torch.div(patches, norm, out=self._key_unit)
+        torch.div(patches, norm, out=self._key)
         self._key_dark = dark
         return 0
 
+    def _add_exact_integers(self, frame: np.ndarray) -> int:
+        cut = self._hsv_patches(frame)
+        flat = cut.reshape(-1, cut.shape[-1])
+        squares = self._dots(flat, flat)
+        dark = squares == 0  # integer patches: a norm under 0.01 is a norm of 0
+        if self._key is None:
+            self._keep_key(cut, squares, dark)
+            return 0
+        key = self._key.reshape(-1, cut.shape[-1])
+        kept = ~(self._key_dark & dark)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = self._dots(key, flat) / np.sqrt(self._key_squares.astype(np.float64) * squares)
+        cos = np.nan_to_num(cos, nan=0.0)  # a black patch beside a lit one: the reference's cosine is 0
+        similar = cos > PATCH_SIMILAR
+        close = np.flatnonzero(kept & (np.abs(cos - PATCH_SIMILAR) < _DECIDED))
+        if len(close):
+            a = torch.from_numpy(key[close].astype(np.float32))
+            b = torch.from_numpy(flat[close].astype(np.float32))
+            a_norm = torch.norm(a, p=2, dim=-1, keepdim=True) + _EPS
+            b_norm = torch.norm(b, p=2, dim=-1, keepdim=True) + _EPS
+            similar[close] = ((a / a_norm * b / b_norm).sum(dim=-1) > PATCH_SIMILAR).numpy()
+        count, total = int(similar[kept].sum()), int(kept.sum())
+        # the reference's mean of `total` zeros and ones, as torch computes it (nan when there are none)
+        share = torch.zeros(total)
+        share[:count] = 1.0
+        if not share.mean().item() < FRAME_SIMILAR:
+            return 1
+        self._keep_key(cut, squares, dark)
+        return 0
+
+    def _keep_key(self, cut: np.ndarray, squares: np.ndarray, dark: np.ndarray) -> None:
+        self._key = cut
+        self._cut = self._buffers[1] if cut is self._buffers[0] else self._buffers[0]
+        self._key_squares, self._key_dark = squares, dark
+
+    def _dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(len(a), dtype=np.int32)
+        self._lib.penguin_patch_dots(_pointer(a), _pointer(b), len(a), a.shape[1], _pointer(out))
+        return out
+
+    def _hsv_patches(self, frame: np.ndarray) -> np.ndarray:
+        """The frame resized, in HSV, as uint8 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
+        h, w = self.size
+        frame = frame if frame.strides[1:] == (3, 1) else np.ascontiguousarray(frame)
+        (hf, hc, hw), (vf, vc, vw) = self._h, self._v
+        self._lib.penguin_keyframe_patches(
+            _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
+            _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
+            _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
+            _pointer(_SDIV), _pointer(_HDIV), PATCH, _pointer(self._work), _pointer(self._rgb),
+            _pointer(self._cut),
+        )  # fmt: skip
+        return self._cut
+
     def _patches(self, frame: np.ndarray) -> torch.Tensor:
         """The frame resized, in HSV, as float32 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
-        h, w = self.size
-        gh, gw = h // PATCH, w // PATCH
+        gh, gw = self._grid
         if self._lib is not None:
-            frame = frame if frame.strides[1:] == (3, 1) else np.ascontiguousarray(frame)
-            (hf, hc, hw), (vf, vc, vw) = self._h, self._v
-            patches = self._cut
-            self._lib.penguin_keyframe_patches(
-                _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
-                _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
-                _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
-                _pointer(_SDIV), _pointer(_HDIV), PATCH, _pointer(self._work), _pointer(self._rgb),
-                _pointer(patches),
-            )  # fmt: skip
-            return torch.from_numpy(patches)
+            return torch.from_numpy(self._hsv_patches(frame).astype(np.float32))
         # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
         chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
         planes = F.interpolate(chw, self.size, mode="bilinear", antialias=True)[0].numpy().astype(np.uint8)

@@ -1,6 +1,7 @@
 /* One frame prepared for key-frame typing exactly as the reference prepares it (SPEC section 8.4):
  * torch's float32 antialiased bilinear resize of the uint8 RGB frame, truncated to uint8, OpenCV's
- * fixed-point uint8 RGB -> HSV, cut into 14 x 14 patches as float32.
+ * fixed-point uint8 RGB -> HSV, cut into 14 x 14 patches; and the patches' exact integer dot products,
+ * from which penguin_vl/video/keyframes.py decides the similarities.
  *
  * torch resizes with two separable passes, the horizontal one first, each skipped when its size
  * does not change; every output is the product of the first tap and its weight, then one fused
@@ -37,14 +38,14 @@ static void combine_rows(const float *src, int32_t n, int32_t out_rows, const in
 enum { LANES = 8 }; /* rows resampled together by the horizontal pass, one per vector lane */
 
 /* src: uint8 [height][width][3], rows `stride` bytes apart. work: height * out_w + LANES * (width + out_w)
- * floats; rgb: 3 * out_h * out_w bytes. patches: float32 [out_h / patch][out_w / patch][3][patch][patch],
+ * floats; rgb: 3 * out_h * out_w bytes. patches: uint8 [out_h / patch][out_w / patch][3][patch][patch],
  * the HSV values (H 0..179, S, V) in the reference's patch order. sdiv, hdiv: OpenCV's fixed-point
  * reciprocal tables (256 entries each; small enough to stay in L1, unlike a table of results). */
 int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height, int32_t width, int32_t out_h,
                              int32_t out_w, const int32_t *h_first, const int32_t *h_count, const float *h_weights,
                              int32_t h_taps, const int32_t *v_first, const int32_t *v_count, const float *v_weights,
                              int32_t v_taps, const int32_t *sdiv, const int32_t *hdiv, int32_t patch,
-                             float *work, uint8_t *rgb, float *patches) {
+                             float *work, uint8_t *rgb, uint8_t *patches) {
     const int64_t out_plane = (int64_t)out_h * out_w;
     float *mid = work;                             /* one channel after the horizontal pass: [height][out_w] */
     float *block = mid + (int64_t)height * out_w;  /* LANES source rows of one channel, interleaved: [width][LANES] */
@@ -94,7 +95,7 @@ int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height,
     /* OpenCV's RGB -> HSV a row at a time (selects, no branches: the loop vectorises), then the row's
      * pieces copied into the reference's patch order */
     const int32_t grid_w = out_w / patch, area = patch * patch;
-    float *hsv = done; /* [3][out_w] */
+    uint8_t *hsv = (uint8_t *)done; /* [3][out_w] */
     for (int32_t y = 0; y < out_h; y++) {
         const uint8_t *rr = rgb + (int64_t)y * out_w, *gr = rr + out_plane, *br = gr + out_plane;
         for (int32_t x = 0; x < out_w; x++) {
@@ -107,13 +108,24 @@ int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height,
             const int32_t num = v == r ? g - b : (v == g ? b - r + 2 * diff : r - g + 4 * diff);
             int32_t h = (num * hdiv[diff] + (1 << 11)) >> 12;
             h += h < 0 ? 180 : 0;
-            hsv[x] = (float)h;
-            hsv[out_w + x] = (float)((diff * sdiv[v] + (1 << 11)) >> 12);
-            hsv[2 * out_w + x] = (float)v;
+            hsv[x] = (uint8_t)h;
+            hsv[out_w + x] = (uint8_t)((diff * sdiv[v] + (1 << 11)) >> 12);
+            hsv[2 * out_w + x] = (uint8_t)v;
         }
-        float *o = patches + ((int64_t)(y / patch) * grid_w) * 3 * area + (y % patch) * patch;
+        uint8_t *o = patches + ((int64_t)(y / patch) * grid_w) * 3 * area + (y % patch) * patch;
         for (int32_t px = 0; px < grid_w; px++, o += 3 * area)
-            for (int c = 0; c < 3; c++) memcpy(o + c * area, hsv + c * out_w + px * patch, sizeof(float) * patch);
+            for (int c = 0; c < 3; c++) memcpy(o + c * area, hsv + c * out_w + px * patch, patch);
     }
     return 0;
+}
+
+/* out[i] = sum of a[i][k] * b[i][k] over the `length` values of patch i, exactly (at most 588 * 255^2,
+ * well inside int32). */
+void penguin_patch_dots(const uint8_t *a, const uint8_t *b, int64_t count, int32_t length, int32_t *out) {
+    for (int64_t i = 0; i < count; i++) {
+        const uint8_t *restrict x = a + i * length, *restrict y = b + i * length;
+        int32_t sum = 0;
+        for (int32_t k = 0; k < length; k++) sum += (int32_t)x[k] * (int32_t)y[k];
+        out[i] = sum;
+    }
 }
