@@ -1,4 +1,4 @@
-.PHONY: test lint format bench bench-gpu inspect
+.PHONY: test lint format bench bench-gpu bench-host inspect
 
 test:
 	python -m pytest
@@ -20,3 +20,6 @@ inspect:
 
 bench-gpu:
 	PYTHONPATH=. python -m bench.gpu_suite
+
+bench-host:
+	PYTHONPATH=. python -m bench.host_time --out bench/results

@@ -62,6 +62,10 @@ KERNEL_MODULES = (
     "penguin_kernels.gemm",
     "penguin_kernels.mlp",
     "penguin_kernels.norm",
+    "penguin_kernels.attention_backward",
+    "penguin_kernels.gemm_backward",
+    "penguin_kernels.norm_backward",
+    "penguin_kernels.rope_backward",
 )
 
 

@@ -6,9 +6,11 @@
 At the encoder's sizes a kernel runs for tens of microseconds, so the Python around it (checks,
 configuration, allocation, the custom-op dispatch) decides whether the GPU waits for the host. This
 measures that Python alone on the CPU: every Triton launch is replaced by a no-op for the duration
-(:func:`stubbed_launches`), so what remains is exactly what a GPU run would add to each call. For
-scale, the same run times a bare custom op (``torch.library.triton_op`` whose body allocates its
-output and launches nothing): the floor that every registered op pays.
+(:func:`stubbed_launches`), so what remains is the Python a GPU run executes around its launches
+(Triton's own launcher, which the stub replaces, is not counted). For scale, the same run times a
+bare custom op (``torch.library.triton_op`` whose body allocates its output and launches nothing):
+the floor that every registered op pays. The command re-executes itself in the environment it needs
+(the interpreter, no GPU, a heap that keeps freed blocks), so it runs the same on any machine.
 
 Shapes are the released encoder's (hidden 1024, 16 query and 8 KV heads of 128, intermediate 3072) at
 the ``latency`` workload (one 1024-token image), in float16 under ``torch.inference_mode()``, the way
@@ -23,7 +25,9 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +44,15 @@ from bench.timing import environment
 __all__ = ["HostTime", "encoder_forward", "measure", "op_calls", "stubbed_launches", "main"]
 
 TOKENS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 1024, 16, 8, 128, 3072
+# The process the measurement runs in: Triton's interpreter (so CPU tensors are launchable, set before
+# triton is imported), no visible GPU, and a heap that keeps freed blocks. By default glibc hands each
+# freed multi-megabyte output back to the OS and maps a fresh one for the next call, tens of
+# microseconds here, where the CUDA caching allocator of a GPU run costs about one.
+_ENVIRONMENT = {
+    "TRITON_INTERPRET": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912",
+}
 # Per-call target: within ~2x of the bare custom-op dispatch, at most 25 us on the reference CPU.
 TARGET_US = 25.0
 
@@ -90,7 +103,7 @@ def stubbed_launches() -> Iterator[list[int]]:
             cls.run = fn
 
 
-def measure(name: str, fn: Callable[[], Any], *, calls: int = 300, repeats: int = 15) -> HostTime:
+def measure(name: str, fn: Callable[[], Any], *, calls: int = 200, repeats: int = 25) -> HostTime:
     """Time ``repeats`` runs of ``calls`` back-to-back calls of ``fn``, garbage collection paused."""
     for _ in range(20):
         fn()
@@ -172,21 +185,37 @@ def encoder_forward(layers: int = 28, device: str = "cpu", dtype: torch.dtype = 
     return lambda: model(inputs.pixel_values, inputs.grid_sizes, inputs.merge_sizes)
 
 
+def _commit() -> str:
+    """The checkout measured (a merge names its parents), so that a committed table says what it describes."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %p"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    commit, *parents = out.stdout.split() or ["unknown"]
+    if len(parents) > 1:
+        commit += f" (merge of {' and '.join(parents)})"
+    return commit + (" with local changes" if dirty.stdout.strip() else "")
+
+
 def markdown(rows: Sequence[HostTime], env: dict[str, Any], date: str) -> str:
-    bare = next(r.cpu_us for r in rows if r.name == "bare custom op")
+    bare = next(r.cpu_us_min for r in rows if r.name == "bare custom op")
     lines = [
         f"# Host time per call, launches stubbed ({date})",
         "",
         f"- {env['device']}, {env.get('threads', '?')} threads; torch {env['torch']}, triton {env['triton']}, "
         f"python {env['python']}",
-        f"- released encoder sizes, 1024 tokens, float16, inference mode; target <= {TARGET_US:.0f} us per op call",
-        "- CPU time of the calling thread per call (median of the runs; min beside it), and wall time",
+        f"- commit {env.get('commit', 'unknown')}; released encoder sizes, 1024 tokens, float16, inference mode; "
+        f"target <= {TARGET_US:.0f} us per op call",
+        "- CPU time of the calling thread per call: median and min over the runs; the ratio compares mins,",
+        "  which other processes on a shared machine disturb least; wall time (median) for reference",
         "",
-        "| call | CPU us per call | min | x bare custom op | wall us |",
+        "| call | CPU us per call | min | min / bare min | wall us |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.name} | {r.cpu_us:.1f} | {r.cpu_us_min:.1f} | {r.cpu_us / bare:.2f} | {r.wall_us:.1f} |" for r in rows
+        f"| {r.name} | {r.cpu_us:.1f} | {r.cpu_us_min:.1f} | {r.cpu_us_min / bare:.2f} | {r.wall_us:.1f} |"
+        for r in rows
     ]
     return "\n".join(lines) + "\n"
 
@@ -194,22 +223,23 @@ def markdown(rows: Sequence[HostTime], env: dict[str, Any], date: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_time", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="directory for <date>-host-time-cpu.json and .md")
-    parser.add_argument("--calls", type=int, default=300, help="calls per timed run")
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed run")
     parser.add_argument("--layers", type=int, default=28, help="encoder layers for the forward (0: skip it)")
     parser.add_argument("-k", dest="keyword", help="only calls whose name contains this")
     args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        parser.error("host time is measured on the CPU with the interpreter's kernels stubbed; hide the GPU")
+    if any(os.environ.get(k) != v for k, v in _ENVIRONMENT.items()):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "bench.host_time", *argv], {**os.environ, **_ENVIRONMENT})
     rows = []
+    selected = lambda name: args.keyword is None or args.keyword in name or name == "bare custom op"
     with torch.inference_mode(), stubbed_launches():
         for name, fn in op_calls().items():
-            if args.keyword is None or args.keyword in name or name == "bare custom op":
+            if selected(name):
                 rows.append(measure(name, fn, calls=args.calls))
-        if args.layers and args.keyword is None:
-            rows.append(
-                measure(f"encoder forward, {args.layers} layers", encoder_forward(args.layers), calls=3, repeats=5)
-            )
-    env = environment()
+        forward = f"encoder forward, {args.layers} layers"
+        if args.layers and selected(forward):
+            rows.append(measure(forward, encoder_forward(args.layers), calls=3, repeats=5))
+    env = {**environment(), "commit": _commit()}
     date = dt.datetime.now().isoformat(timespec="seconds")
     table = markdown(rows, env, date)
     print(table)

@@ -3,10 +3,13 @@
 Every public function validates its inputs before launching and has a plain-PyTorch twin in
 :mod:`penguin_kernels.reference`; each takes an optional ``config=`` that replaces its shipped launch
 configuration (for tuning). :mod:`penguin_kernels.device` describes the device the launchers pick
-their configurations for. The package imports nothing from the model or from the tooling.
+their configurations for. The package imports nothing from the model or from the tooling. Every
+op is differentiable: the ``*_backward`` modules, imported here, register each op's backward with
+autograd.
 """
 
-from penguin_kernels import reference
+# The *_backward modules are imported for their side effect: each registers its ops' backward.
+from penguin_kernels import attention_backward, gemm_backward, norm_backward, reference, rope_backward  # noqa: F401
 from penguin_kernels.attention import AttentionConfig, varlen_attention, varlen_attention_op
 from penguin_kernels.gemm import Tile, gate_up_swiglu, linear
 from penguin_kernels.mlp import projector_mlp, swiglu_mlp

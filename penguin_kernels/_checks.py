@@ -1,4 +1,5 @@
-"""Input validation shared by the public kernel wrappers: clear errors raised before any launch."""
+"""Input validation shared by the public kernel wrappers (clear errors raised before any launch), and the
+cache that runs it once per input signature."""
 
 from __future__ import annotations
 
@@ -83,18 +84,6 @@ def check_like(t: object, name: str, ref: torch.Tensor, ref_name: str) -> torch.
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
     return t
-
-
-def check_inference(**tensors: torch.Tensor | None) -> None:
-    """Refuse to build an autograd graph: the kernels have no backward."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if getattr(t, "requires_grad", False):
-            raise NotImplementedError(
-                f"{name} requires grad, but the kernels are inference only (no backward); "
-                "call them under torch.no_grad() or torch.inference_mode()"
-            )
 
 
 def as_rows(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -61,7 +61,6 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import (
     ShapeCache,
     check_float,
-    check_inference,
     check_like,
     dot_precision,
     runnable,
@@ -74,6 +73,7 @@ __all__ = ["AttentionConfig", "varlen_attention", "varlen_attention_op", "select
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 # Fields per row of the block table: bos, eos, first query token, scratch.
 _PLAN_FIELDS = 4
 _PLAN_BLOCK = 1024
@@ -207,6 +207,7 @@ def _varlen_attn_fwd_kernel(
     k,
     v,
     o,
+    lse,
     plan,
     stride_qn,
     stride_qh,
@@ -216,6 +217,7 @@ def _varlen_attn_fwd_kernel(
     stride_vh,
     stride_on,
     stride_oh,
+    n_heads,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     HEAD_CHUNK: tl.constexpr,
@@ -279,6 +281,9 @@ def _varlen_attn_fwd_kernel(
     o_base = o + q_start.to(tl.int64) * stride_on + i_h * stride_oh
     p_o = o_base + (o_t * stride_on + o_hp * stride_oh)[:, None] + o_d[None, :]
     tl.store(p_o, acc.to(o.dtype.element_ty), mask=m_r[:, None])
+    # natural-log log-sum-exp of the scaled scores, [N, H] float32: what the backward recomputes P from
+    p_lse = lse + q_start.to(tl.int64) * n_heads + i_h + o_t * n_heads + o_hp
+    tl.store(p_lse, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_r)
 
 
 @dataclass(frozen=True)
@@ -385,7 +390,7 @@ def _varlen_attention_op(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     softmax_scale: float | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, None)
 
 
@@ -457,8 +462,8 @@ def _launch(
     max_seqlen: int,
     softmax_scale: float | None,
     config: AttentionConfig | None,
-) -> torch.Tensor:
-    """The launches of the op, with ``config`` in place of the shipped choice when given."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launches of the op, with ``config`` in place of the shipped choice when given: ``(out, lse)``."""
     args = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
     try:
         key = (
@@ -476,8 +481,9 @@ def _launch(
     else:
         launch = _LAUNCHES.get(key, *args)
     out = _empty(launch.out_shape, dtype=q.dtype, device=q.device)
+    lse = _empty(launch.out_shape[:2], dtype=torch.float32, device=q.device)
     if launch.n_plan == 0:
-        return out
+        return out, lse
     plan = _empty((launch.n_plan, _PLAN_FIELDS), dtype=torch.int32, device=q.device)
     wrap_triton(_plan_kernel)[(1,)](
         cu_seqlens,
@@ -493,14 +499,16 @@ def _launch(
         k,
         v,
         out,
+        lse,
         plan,
         *launch.strides,
+        launch.out_shape[1],
         launch.qk_scale,
         **launch.constexprs,
         num_warps=launch.config.num_warps,
         num_stages=launch.config.num_stages,
     )
-    return out
+    return out, lse
 
 
 def varlen_attention_op(
@@ -521,11 +529,14 @@ def varlen_attention_op(
     longest segment (query blocks beyond a too-small bound are left unwritten).
 
     ``config`` replaces the shipped launch configuration (:func:`select_config`), for tuning; the
-    launch then runs outside the registered op.
+    launch then runs outside the registered op (and autograd).
+
+    The op returns ``(out, lse)``, ``lse`` the float32 ``[N, H]`` natural-log log-sum-exp of each
+    row's scaled scores, which its backward (:mod:`penguin_kernels.attention_backward`) reads.
     """
     if config is not None:
-        return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
-    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+        return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)[0]
+    return torch.ops.penguin.varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)[0]
 
 
 def _check_seqlens(cu_seqlens: torch.Tensor, n: int, max_seqlen: int | None, cu_seqlens_k: torch.Tensor | None) -> int:
@@ -609,13 +620,13 @@ def varlen_attention(
         ``[N, H, hd]``, contiguous, q's dtype.
 
     Everything is validated before the launch, the values of ``cu_seqlens`` included (one host sync).
-    Inference only: inputs that require grad while grad mode is on are refused. For trusted,
-    device-built ``cu_seqlens`` without the sync, call :func:`varlen_attention_op`.
+    Differentiable in q, k and v. For trusted, device-built ``cu_seqlens`` without the sync, call
+    :func:`varlen_attention_op`.
     """
     if causal:
         raise NotImplementedError("causal=True is not supported: this attention is bidirectional")
     if dropout_p != 0:
-        raise NotImplementedError(f"dropout_p must be 0 (inference only), got {dropout_p}")
+        raise NotImplementedError(f"dropout_p must be 0 (no dropout), got {dropout_p}")
     cu_seqlens = _flash_pair("cu_seqlens", cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     max_seqlen = _flash_pair("max_seqlen", max_seqlen, max_seqlen_q, max_seqlen_k)
     if cu_seqlens is None:
@@ -629,7 +640,6 @@ def varlen_attention(
     if cu_seqlens_k is not None:
         _check_tensors(q, k, v, cu_seqlens_k)
     _check_scale(softmax_scale)
-    check_inference(q=q, k=k, v=v)
     max_seqlen = _check_seqlens(cu_seqlens, q.shape[0], max_seqlen, cu_seqlens_k)
     return varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config=config)
 
@@ -656,7 +666,8 @@ def compile_cases(arch: int) -> list[CompileCase]:
     for name, hd, group, max_seqlen in shapes:
         dtype = DTYPES[name]
         cfg = select_config(device, dtype, hd, max_seqlen)
-        signature = {t: f"*{name}" for t in ("q", "k", "v", "o")} | {"plan": "*i32", "qk_scale": "fp32"}
+        signature = {t: f"*{name}" for t in ("q", "k", "v", "o")} | {"lse": "*fp32", "plan": "*i32"}
+        signature |= {"n_heads": "i32", "qk_scale": "fp32"}
         signature |= {s: "i32" for s in strides}
         cases.append(
             CompileCase(

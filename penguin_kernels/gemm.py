@@ -47,7 +47,7 @@ bfloat16 ``tl.dot`` is wrong in Triton's CPU interpreter, so bfloat16 is refused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -57,7 +57,6 @@ from torch.library import triton_op, wrap_triton
 from penguin_kernels._checks import (
     ShapeCache,
     check_bias,
-    check_inference,
     check_input,
     check_residual,
     check_weight,
@@ -287,16 +286,18 @@ def launch_gemm(
     *,
     gelu: bool = False,
     swiglu: bool = False,
+    kernel: Any = None,
 ) -> torch.Tensor:
     """Launch ``plan`` on validated operands; returns a new ``plan.out_shape`` tensor.
 
     ``x`` and ``residual`` are passed whole: the kernel reads their rows through the planned strides.
+    ``kernel``: ``wrap_triton(_gemm_kernel)`` when the caller already holds it (one op, two GEMMs).
     """
     y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
     if plan.m == 0:
         return y
     tile = plan.tile
-    wrap_triton(_gemm_kernel)[plan.grid](
+    (kernel or wrap_triton(_gemm_kernel))[plan.grid](
         x,
         weight,
         x if bias is None else bias,
@@ -426,8 +427,6 @@ def linear(
     Returns:
         ``[..., N]`` in the dtype of ``x``; accumulation and the epilogue run in float32.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, weight=weight, bias=bias, residual=residual)
     if config is not None:
         return launch_gemm(x, weight, bias, residual, _plan(x, weight, bias, residual, False, config), gelu=bool(gelu))
     try:
@@ -448,8 +447,6 @@ def gate_up_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, *, config: Tile | N
     Returns:
         ``[..., I]`` in the dtype of ``x``; neither ``x Wg^T`` nor ``x Wu^T`` is rounded or stored.
     """
-    if torch.is_grad_enabled():
-        check_inference(x=x, w_gate_up=w_gate_up)
     if config is not None:
         return launch_gemm(x, w_gate_up, None, None, _plan(x, w_gate_up, None, None, True, config), swiglu=True)
     try:

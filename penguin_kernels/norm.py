@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_inference, check_like, runnable, signature
+from penguin_kernels._checks import ShapeCache, as_rows, check_float, check_like, runnable, signature
 from penguin_kernels.compile_case import CompileCase
 
 __all__ = ["NormConfig", "rms_norm", "rms_norm_residual", "select_config", "compile_cases"]
@@ -105,6 +105,7 @@ def select_config(d: int) -> NormConfig:
 class _Plan(NamedTuple):
     """Everything a launch needs that depends only on the inputs' metadata."""
 
+    shape: tuple[int, ...]
     grid: tuple[int]
     rows: int
     width: int
@@ -140,6 +141,7 @@ def _build_plan(
     cfg = config or select_config(d)
     m = rows.shape[0]
     return _Plan(
+        shape=tuple(x.shape),
         grid=(-(-m // cfg.block_m),),
         rows=m,
         width=d,
@@ -166,8 +168,8 @@ def _launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # x and residual are passed whole: the kernel addresses their rows through the planned strides.
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(plan.shape, dtype=x.dtype, device=x.device)
+    s = None if residual is None else torch.empty(plan.shape, dtype=x.dtype, device=x.device)
     if plan.rows > 0:
         wrap_triton(_rms_norm_kernel)[plan.grid](
             x,
@@ -223,8 +225,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, config: NormC
         ``[..., D]`` contiguous, dtype of ``x``.
     """
     eps = _check_eps(eps)
-    if torch.is_grad_enabled():
-        check_inference(x=x, weight=weight)
     if config is not None:
         return _launch(x, None, weight, eps, _plan(x, None, weight, config))[0]
     try:
@@ -249,8 +249,6 @@ def rms_norm_residual(
         ``(normed, s)``, both ``[..., D]`` contiguous in the dtype of ``x``.
     """
     eps = _check_eps(eps)
-    if torch.is_grad_enabled():
-        check_inference(x=x, residual=residual, weight=weight)
     if config is not None:
         return _launch(x, residual, weight, eps, _plan(x, residual, weight, config))
     try:

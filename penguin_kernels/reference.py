@@ -43,11 +43,34 @@ __all__ = [
 ]
 
 
+def _tensor(t: object, name: str, dims: int | None = None, *, integer: bool = False) -> torch.Tensor:
+    """``t`` is a floating-point (or ``integer``) tensor with ``dims`` dimensions: checked like the kernels'
+    arguments, so that a bad one is named here rather than surfacing as an indexing error or a wrong result."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got {str(t.dtype).removeprefix('torch.')}")
+    if not integer and not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {str(t.dtype).removeprefix('torch.')}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _shape(t: torch.Tensor, name: str, expected: tuple[int, ...], why: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected} ({why})")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, statistics in float32.
 
     float64 inputs keep float64 statistics, so float64 runs (gradient checks) are exact.
     """
+    _tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    _shape(_tensor(weight, "weight"), "weight", (x.shape[-1],), "the last dim of x")
     dtype = x.dtype
     xf = x.to(torch.promote_types(dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -58,6 +81,7 @@ def rms_norm_residual(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (in the input dtype), returns ``(rms_norm(s), s)``."""
+    _shape(_tensor(residual, "residual"), "residual", tuple(_tensor(x, "x").shape), "the shape of x")
     s = x + residual
     return rms_norm(s, weight, eps), s
 
@@ -82,10 +106,22 @@ def rope_positions(
     ``[frames + 1]``, on the device of ``grid_sizes``. ``total_tokens`` and ``num_frames`` (``sum t*h*w``
     and ``sum t``), when given, are checked against the grid (the kernel twin trusts them on a GPU).
     """
+    _tensor(grid_sizes, "grid_sizes", 2, integer=True)
+    _tensor(merge_sizes, "merge_sizes", 1, integer=True)
+    if grid_sizes.shape[1] != 3:
+        raise ValueError(f"grid_sizes must be [B, 3] (t, h, w), got shape {tuple(grid_sizes.shape)}")
+    _shape(merge_sizes, "merge_sizes", (grid_sizes.shape[0],), "one per row of grid_sizes")
+    items = list(zip(grid_sizes.tolist(), merge_sizes.tolist(), strict=True))
+    for i, ((t, h, w), m) in enumerate(items):
+        if min(t, h, w, m) < 1 or h % m or w % m:
+            raise ValueError(
+                f"item {i}: grid_sizes (t, h, w) = {(t, h, w)} with merge_sizes {m}: t, h, w and the merge size "
+                "must be positive, and h and w multiples of the merge size"
+            )
     device = grid_sizes.device
     positions = []
     seqlens = []
-    for (t, h, w), m in zip(grid_sizes.tolist(), merge_sizes.tolist(), strict=True):
+    for (t, h, w), m in items:
         rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
         cols = torch.arange(w, device=device).view(1, w).expand(h, w)
         pos = torch.stack([rows, cols], dim=-1)  # [h, w, 2] raster order
@@ -109,7 +145,11 @@ def rope_positions(
 
 def rope_2d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Apply the half-split 2D rotary to ``x`` ``[N, H, hd]`` at ``positions`` ``[N, 2]`` (row, col)."""
+    _tensor(x, "x", 3)
+    _shape(_tensor(positions, "positions", 2, integer=True), "positions", (x.shape[0], 2), "(row, col) per row of x")
     hd = x.shape[-1]
+    if hd % 2:
+        raise ValueError(f"the head dim of x must be even (half rotates with the row, half with the column), got {hd}")
     inv_freq = rope_inv_freq(hd, theta, x.device)
     pos = positions.to(device=x.device, dtype=torch.float32)
     ang_row = pos[:, 0:1] * inv_freq  # [N, hd/2]
@@ -133,6 +173,12 @@ def qk_norm_rope_2d(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm over ``hd`` then the 2D rotary, for q ``[N, H, hd]`` and k ``[N, KV, hd]``."""
+    _tensor(q, "q", 3)
+    _tensor(k, "k", 3)
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} must be [N, KV, head_dim] with q's N and head_dim {tuple(q.shape)}")
+    _shape(_tensor(q_norm_weight, "q_norm_weight"), "q_norm_weight", (q.shape[2],), "the head dim")
+    _shape(_tensor(k_norm_weight, "k_norm_weight"), "k_norm_weight", (q.shape[2],), "the head dim")
     q = rope_2d(rms_norm(q, q_norm_weight, eps), positions, theta)
     k = rope_2d(rms_norm(k, k_norm_weight, eps), positions, theta)
     return q, k
@@ -152,11 +198,23 @@ def varlen_attention(
     copies for a float32 truth). Runs of consecutive equal-length segments are batched into one
     ``scaled_dot_product_attention`` call, so a clip of equal frames costs one call, not one per frame.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(t, name, 3)
     n, h, hd = q.shape
+    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != hd:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [N, KV, head_dim] with q's N={n}, hd={hd}")
     kv = k.shape[1]
+    if kv == 0 or h % kv:
+        raise ValueError(f"q's heads ({h}) must be a positive multiple of k/v's heads ({kv})")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    bounds = _tensor(cu_seqlens, "cu_seqlens", 1, integer=True).tolist()
+    decreasing = any(b > e for b, e in zip(bounds[:-1], bounds[1:], strict=True))
+    if not bounds or bounds[0] != 0 or bounds[-1] != n or decreasing:
+        # rows outside the segments would be returned unwritten
+        raise ValueError(f"cu_seqlens must run from 0 to N={n} without decreasing, got {bounds}")
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
     lengths = [e - b for b, e in zip(bounds[:-1], bounds[1:], strict=True)]
     i = 0
     while i < len(lengths):
@@ -197,14 +255,31 @@ def linear(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight.T + bias) + residual`` with weight ``[out, in]``, ``act`` the erf GELU when ``gelu``."""
+    _check_linear(x, weight, "weight", bias, "bias")
     y = F.linear(x, weight, bias)
+    if residual is not None:
+        _shape(_tensor(residual, "residual"), "residual", tuple(y.shape), "the shape of the output")
     if gelu:
         y = F.gelu(y)
     return y if residual is None else residual + y
 
 
+def _check_linear(
+    x: object, weight: object, weight_name: str, bias: object = None, bias_name: str = "", source: str = "x"
+) -> None:
+    """``weight`` ``[out, in]`` maps ``x`` ``[..., in]``; ``bias``, if any, is ``[out]``."""
+    _tensor(x, source)
+    _tensor(weight, weight_name, 2)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{weight_name} {tuple(weight.shape)} does not take {source} of shape {tuple(x.shape)}")
+    if bias is not None:
+        _shape(_tensor(bias, bias_name), bias_name, (weight.shape[0],), f"the rows of {weight_name}")
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up = [gate | up]`` along the last dim."""
+    if _tensor(gate_up, "gate_up").dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must end in an even dim [..., 2I], got shape {tuple(gate_up.shape)}")
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -216,7 +291,12 @@ def swiglu_mlp(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``down(silu(x Wg^T) * (x Wu^T)) (+ residual)`` with ``w_gate_up = cat([Wg, Wu])`` ``[2I, D]``."""
-    y = F.linear(swiglu(F.linear(x, w_gate_up)), w_down)
+    _check_linear(x, w_gate_up, "w_gate_up")
+    h = swiglu(F.linear(x, w_gate_up))
+    _check_linear(h, w_down, "w_down", source="the gated hidden state (w_gate_up's rows / 2)")
+    y = F.linear(h, w_down)
+    if residual is not None:
+        _shape(_tensor(residual, "residual"), "residual", tuple(y.shape), "the shape of the output")
     return y if residual is None else residual + y
 
 
@@ -224,4 +304,7 @@ def projector_mlp(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
     """Penguin-VL's projector: ``W2 gelu(W1 x + b1) + b2`` with the exact (erf) GELU."""
-    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    _check_linear(x, w1, "w1", b1, "b1")
+    h = F.gelu(F.linear(x, w1, b1))
+    _check_linear(h, w2, "w2", b2, "b2", source="the hidden state (w1's rows)")
+    return F.linear(h, w2, b2)

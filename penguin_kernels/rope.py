@@ -65,7 +65,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from penguin_kernels import reference
-from penguin_kernels._checks import ShapeCache, check_float, check_inference, check_like, runnable, signature
+from penguin_kernels._checks import ShapeCache, check_float, check_like, runnable, signature
 from penguin_kernels.compile_case import CompileCase
 from penguin_kernels.device import device_info
 
@@ -389,7 +389,7 @@ def qk_norm_rope_2d(
     """Per-head RMSNorm of q and k followed by the half-split 2D rotary, in one kernel.
 
     Matches :func:`penguin_kernels.reference.qk_norm_rope_2d`, rounding step by step as it does.
-    Inference only: inputs that require grad (with grad mode on) are refused.
+    Differentiable in q, k and both weights.
 
     Args:
         q: ``[N, H, hd]`` float16/bfloat16/float32; any token and head strides with a contiguous
@@ -408,17 +408,21 @@ def qk_norm_rope_2d(
     Returns:
         ``(q_out [N, H, hd], k_out [N, KV, hd])``: new contiguous tensors in the dtype of ``q``.
     """
-    plan = _plan(q, k, q_norm_weight, k_norm_weight, positions, config)
     if not theta > 0:
         raise ValueError(f"theta must be positive; got {theta}")
     if not eps >= 0:
         raise ValueError(f"eps must be non-negative; got {eps}")
-    if torch.is_grad_enabled():
-        check_inference(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
-    inv_freq = _inv_freq(plan.shape_q[2], float(theta), q.device)
+    tensors = (q, k, q_norm_weight, k_norm_weight, positions)
     if config is not None:
-        return _launch(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps), plan)
-    return _qk_norm_rope_2d_op(q, k, q_norm_weight, k_norm_weight, positions, inv_freq, float(eps))
+        plan = _plan(*tensors, config)
+        inv_freq = _inv_freq(plan.shape_q[2], float(theta), q.device)
+        return _launch(*tensors, inv_freq, float(eps), plan)
+    try:
+        inv_freq = _inv_freq(q.shape[-1], float(theta), q.device)
+        return _qk_norm_rope_2d_op(*tensors, inv_freq, float(eps))
+    except (AttributeError, IndexError, RuntimeError):
+        _build_plan(*tensors, None)  # names an argument the op's schema (or inv_freq's head_dim) refused
+        raise
 
 
 def compile_cases(arch: int) -> list[CompileCase]:

@@ -2,9 +2,11 @@
 
 Exit status: 0 when everything was encoded; 1 when the run finished but some inputs could not be read
 (they are listed on stderr and in the output's ``failed`` metadata; the rest is written), or on an
-unexpected error; 2 when nothing was done (bad arguments, no inputs, model not found, output exists);
-130 on Ctrl-C. Under torchrun a rank exits 0 when it skipped inputs, so that torchrun does not stop the
-other ranks; the index lists every failed input and ``penguin-vl merge-index`` exits 1 when there are any.
+unexpected error (a bug: the only case with a traceback); 2 when the arguments, the inputs, the model or
+the output are at fault, with a message naming the culprit (nothing was done, or, for an output that
+cannot be written, what was written stays whole); 130 on Ctrl-C. Under torchrun a rank exits 0 when it
+skipped inputs, so that torchrun does not stop the other ranks; the index lists every failed input and
+``penguin-vl merge-index`` exits 1 when there are any.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 
 from penguin_vl import encode as enc
 from penguin_vl.model import PenguinEncoder
-from penguin_vl.processor import ImageProcessor, resize_backend
+from penguin_vl.processor import ImageProcessor, ImageWarning, resize_backend
 
 __all__ = ["main", "build_parser"]
 
@@ -58,6 +61,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Penguin-VL vision encoder: feature extraction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {enc.package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, metavar="FILE", help="one .safetensors file with every input")
     out.add_argument("--out-dir", type=Path, metavar="DIR", help="one .safetensors file per input, and index.json")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --out-dir: keep the files already complete from the same inputs, model and settings, encode "
+        "the rest and rewrite index.json",
+    )
     p.add_argument("--project", action="store_true", help="run the projector too (full Penguin-VL checkpoints)")
     p.add_argument(
         "--dtype",
@@ -117,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-tokens",
         type=_positive,
-        help="fewest patches per image or frame (default: the checkpoint's preprocessor_config.json, else 16)",
+        help="fewest tokens per image or frame, counted after merging (patches / merge size^2; default: the "
+        "checkpoint's preprocessor_config.json, else 16)",
     )
     p.add_argument(
         "--max-tokens",
         type=_positive,
-        help="most patches per image or clip (default: the checkpoint's preprocessor_config.json, else 16384)",
+        help="most tokens per image or clip, counted after merging (patches / merge size^2, so about the number of "
+        "features; default: the checkpoint's preprocessor_config.json, else 16384)",
     )
     p.add_argument(
         "--batch-tokens",
@@ -171,17 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _warnings_as_lines():
+            return args.run(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
-            f"{PROG}: interrupted; no --out file or index was written (per-input files already in --out-dir are "
-            "complete, but the run is unfinished until its index.json is written)",
+            f"{PROG}: interrupted; no --out file was written and an existing one is unchanged. In --out-dir, "
+            "every file is complete (this run's or the previous one's) and index.json still describes the "
+            "previous finished run; run the same command with --resume to continue",
             file=sys.stderr,
         )
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings about inputs (16-bit images) on their own ``penguin-vl: warning:`` line, whatever filters the
+    caller set: they describe the data, not the code."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ImageWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _env_int(name: str, default: int) -> int:
@@ -222,7 +250,11 @@ def _encode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _refusing():
         setup = _setup_encode(args)
-    summary = enc.encode(setup.model, setup.processor, setup.inputs, setup.sink, **setup.options)
+    try:
+        summary = enc.encode(setup.model, setup.processor, setup.inputs, setup.sink, **setup.options)
+    except (enc.OutputError, FileExistsError) as e:
+        kept = " (the files already in --out-dir are complete: rerun with --resume)" if args.out_dir else ""
+        raise UsageError(f"{e}{kept}") from e
     index = None
     if setup.world_size > 1:
         out, directory = (args.out, False) if args.out is not None else (args.out_dir, True)
@@ -232,7 +264,7 @@ def _encode(args: argparse.Namespace) -> int:
         print(f"{PROG}: {setup.tag}skipped {name}: {reason}", file=sys.stderr)
     if not args.quiet:
         _print_summary(summary, setup, args, index)
-    if not summary.encoded and setup.world_size == 1:
+    if not summary.encoded and not setup.kept and setup.world_size == 1:
         print(f"{PROG}: error: no input could be encoded; nothing was written", file=sys.stderr)
         return 1
     return 1 if summary.failed and setup.world_size == 1 else 0
@@ -249,6 +281,7 @@ class _EncodeSetup:
     load_time: float
     world_size: int
     tag: str
+    kept: int
 
 
 def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
@@ -276,7 +309,9 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
             raise UsageError(f"--out-dir {args.out_dir} exists and is not a directory")
         names = [i.name for i in inputs]
         sink = enc.DirSink(args.out_dir, all_names, names, rank, world_size, overwrite=args.overwrite)
-    conflicts = sink.conflicts()
+    if args.resume and args.out is not None:
+        raise UsageError("--resume needs --out-dir: a single --out file is written whole at the end")
+    conflicts = [] if args.resume else sink.conflicts()
     if conflicts and not args.overwrite:
         shown = ", ".join(str(p) for p in conflicts[:3]) + (" ..." if len(conflicts) > 3 else "")
         raise FileExistsError(f"output exists: {shown}; pass --overwrite to replace it")
@@ -315,19 +350,24 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         feature_dim=model.projector.config.out_dim if args.project else model.config.hidden_size,
         settings=settings,
     )
+    metadata = enc.run_metadata(info, all_inputs, rank, world_size)
+    kept = sink.resume(metadata, inputs) if args.resume else []
+    if kept:
+        inputs = [i for i in inputs if i.name not in sink.kept]
     show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
     options = {
-        "metadata": enc.run_metadata(info, all_inputs, rank, world_size),
+        "metadata": metadata,
         "batch_tokens": args.batch_tokens,
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
         "video": video,
         "project": args.project,
         "workers": args.workers,
-        "progress": enc.Progress(len(inputs), sys.stderr if show and not args.quiet else None, tag),
+        "progress": enc.Progress(
+            len(inputs) + len(kept), sys.stderr if show and not args.quiet else None, tag, len(kept)
+        ),
     }
-    sink.clear_stale()
-    return _EncodeSetup(model, processor, inputs, sink, options, info, load_time, world_size, tag)
+    return _EncodeSetup(model, processor, inputs, sink, options, info, load_time, world_size, tag, len(kept))
 
 
 def _size(path: Path) -> str:
@@ -359,7 +399,9 @@ def _print_summary(s: enc.Summary, setup: _EncodeSetup, args: argparse.Namespace
         f"{s.input_wait:.2f} s) | encode {s.encode:.2f} s | write {s.write:.2f} s",
         f"  speed   {enc_rate} (encode stage)",
     ]
-    if s.encoded or index is not None:
+    if setup.kept:
+        lines.insert(1, f"  kept    {setup.kept} complete outputs of an earlier run with the same inputs and settings")
+    if s.encoded or setup.kept or index is not None:
         lines.append(f"  output  {output} ({_size(output)})" if output.exists() else f"  output  {output}")
     if index is not None:
         lines.append(f"  index   {index} (all {setup.world_size} ranks done)")

@@ -204,7 +204,7 @@ def accelerate_penguin_vl(model: nn.Module, *, backend: str = "auto") -> nn.Modu
     """Accelerate the vision encoder(s) inside a loaded Penguin-VL model, in place; returns ``model``.
 
     The vision projector (``...vision_projector.readout``: Linear, GELU, Linear) runs through the fused
-    projector MLP as well on the Triton backend, when autograd does not record.
+    projector MLP as well on the Triton backend, in training too (the op has a backward).
     """
     encoders = find_encoders(model)
     if not encoders:
@@ -232,11 +232,10 @@ def _projector_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The patched projector ``forward``, bound to the projector it serves."""
     l1, l2 = self.readout[0], self.readout[2]
     weights = (l1.weight, l1.bias, l2.weight, l2.bias)
-    records = torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights))
     kinds = {(t.dtype, t.device) for t in (x, *weights) if t is not None}
     if (
-        records
-        or len(kinds) != 1
+        len(kinds) != 1
+        or x.dtype not in _KERNEL_DTYPES
         or any(w is None for w in weights)
         or resolve_backend(self.__dict__[_STATE], x.device) != "triton"
     ):

@@ -12,13 +12,14 @@ Checkpoints keep the released tensor names; the model holds q/k/v and gate/up fu
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
@@ -60,13 +61,59 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the encoder: missing, unexpected or mis-shaped tensors."""
 
 
+# what safetensors stores weights as that the encoder can take
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@contextlib.contextmanager
+def _open(file: Path, device: str = "cpu") -> Iterator:
+    """``safe_open`` whose errors (a cut or damaged file) name the file."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_json(file: Path) -> object:
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _config(path: Path) -> PenguinEncoderConfig:
+    """The encoder config in ``path``; an invalid one is named by its file."""
+    file = path / "config.json"
+    try:
+        return PenguinEncoderConfig.from_pretrained(path)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
+
+
+def _check_device(device: torch.device | str | None) -> None:
+    """A device the tensors can be read to, said before any file is opened."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine; load with device='cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Map every tensor name of the checkpoint in ``path`` to the safetensors file holding it."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        content = _read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' in the index")
         files = {name: path / file for name, file in weight_map.items()}
@@ -82,7 +129,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
     if len(candidates) > 1:
         raise CheckpointError(f"several safetensors files and no index in {path}: {[c.name for c in candidates]}")
-    with safe_open(candidates[0], framework="pt") as f:
+    with _open(candidates[0]) as f:
         return {name: candidates[0] for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
 
 
@@ -131,7 +178,8 @@ def load_encoder(
     path = Path(path)
     if dtype is not None and dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
-    config = PenguinEncoderConfig.from_pretrained(path)
+    _check_device(device)
+    config = _config(path)
     files = checkpoint_files(path)
     names = list(files)
     prefix = _find_prefix(names, _ANCHOR, "vision encoder")
@@ -163,12 +211,12 @@ def load_encoder(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors {[_ckpt_name(k, prefix, proj_prefix) for k in missing]}")
+            parts.append(f"missing tensors {_listed([_ckpt_name(k, prefix, proj_prefix) for k in missing])}")
         if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        raise CheckpointError(f"{path}: " + "; ".join(parts))
+            parts.append(f"unexpected tensors {_listed(unexpected)}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts) + _FROM_CONFIG.format(path / "config.json"))
 
-    state = _read_tensors(files, wanted, expected, device)
+    state = _read_tensors(files, wanted, expected, device, path / "config.json")
     stored = {t.dtype for t in state.values()}
     target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     if target not in _DTYPES:
@@ -178,6 +226,16 @@ def load_encoder(
     return model
 
 
+# the config decides which tensors the encoder has and their shapes: a wrong value there shows as tensors that
+# do not fit, so the message names both
+_FROM_CONFIG = " (the names and shapes expected follow {})"
+
+
+def _listed(items: list[str], most: int = 8) -> list[str]:
+    """At most ``most`` items and a count of the rest: a config with a wrong layer count misses hundreds."""
+    return items if len(items) <= most else [*items[:most], f"... {len(items) - most} more"]
+
+
 def _ckpt_name(model_name: str, prefix: str, proj_prefix: str | None) -> str:
     if model_name.startswith("projector."):
         return (proj_prefix or "vision_projector.") + model_name[len("projector.") :]
@@ -185,7 +243,7 @@ def _ckpt_name(model_name: str, prefix: str, proj_prefix: str | None) -> str:
 
 
 def _tensor_shape(files: dict[str, Path], name: str) -> tuple[int, ...]:
-    with safe_open(files[name], framework="pt") as f:
+    with _open(files[name]) as f:
         return tuple(f.get_slice(name).get_shape())
 
 
@@ -194,24 +252,31 @@ def _read_tensors(
     wanted: dict[str, str],
     expected: dict[str, tuple[int, ...]],
     device: torch.device | str | None,
+    config: Path,
 ) -> dict[str, torch.Tensor]:
     by_file: dict[Path, list[str]] = {}
     for model_name, ckpt_name in wanted.items():
         by_file.setdefault(files[ckpt_name], []).append(model_name)
     state: dict[str, torch.Tensor] = {}
-    misshaped = []
+    misfits = []
     target = str(torch.device(device)) if device is not None else "cpu"
     for file, model_names in by_file.items():
-        with safe_open(file, framework="pt", device=target) as f:
+        with _open(file, target) as f:
             for model_name in model_names:
                 ckpt_name = wanted[model_name]
-                shape = tuple(f.get_slice(ckpt_name).get_shape())
+                tensor = f.get_slice(ckpt_name)
+                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
                 if shape != expected[model_name]:
-                    misshaped.append(f"{ckpt_name}: {list(shape)}, expected {list(expected[model_name])}")
-                    continue
-                state[model_name] = f.get_tensor(ckpt_name)
-    if misshaped:
-        raise CheckpointError("mis-shaped tensors: " + "; ".join(misshaped))
+                    misfits.append(f"{ckpt_name}: {list(shape)}, expected {list(expected[model_name])} (in {file})")
+                elif dtype not in _FLOAT_DTYPES:
+                    # an integer or boolean tensor cast to float would load as other weights, without a word
+                    misfits.append(f"{ckpt_name}: stored as {dtype}, expected floating point (in {file})")
+                else:
+                    state[model_name] = f.get_tensor(ckpt_name)
+    if misfits:
+        raise CheckpointError(
+            "tensors that do not fit the encoder: " + "; ".join(_listed(misfits)) + _FROM_CONFIG.format(config)
+        )
     return state
 
 

@@ -28,7 +28,6 @@ checkpoints keep them. ``forward`` builds the autograd graph whenever grad is en
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -39,6 +38,8 @@ from torch.utils.checkpoint import checkpoint
 
 import penguin_kernels
 from penguin_kernels import reference
+from penguin_kernels.device import interpreter_active
+from penguin_kernels.positions import check_grid_sizes
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
 from penguin_vl.hub import resolve
 from penguin_vl.loading import fuse_linears, load_encoder, split_linears
@@ -54,7 +55,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not interpreter_active():
         raise ValueError(
             f"backend='triton' needs a CUDA model (this one is on {device}); set "
             "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's CPU interpreter"
@@ -197,13 +198,7 @@ def check_grid(
         raise ValueError(f"pixel_values must be [N, {patch_dim}], got {tuple(pixel_values.shape)}")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
-    if grid_sizes.dim() != 2 or grid_sizes.shape[1] != 3:
-        raise ValueError(f"grid_sizes must be [B, 3] (t, h, w), got {tuple(grid_sizes.shape)}")
-    if merge_sizes.shape != (grid_sizes.shape[0],):
-        raise ValueError(f"merge_sizes must be [B] = [{grid_sizes.shape[0]}], got {tuple(merge_sizes.shape)}")
-    for name, t in (("grid_sizes", grid_sizes), ("merge_sizes", merge_sizes)):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    check_grid_sizes(grid_sizes, merge_sizes)
     items = [(t, h, w, m) for (t, h, w), m in zip(grid_sizes.tolist(), merge_sizes.tolist(), strict=True)]
     for i, (t, h, w, m) in enumerate(items):
         if min(t, h, w, m) < 1:
@@ -237,7 +232,8 @@ def merge_tokens(x: torch.Tensor, items: list[tuple[int, int, int, int]]) -> tor
             grid = xi.view(t, h // m, w // m, m, m, d).permute(0, 5, 1, 3, 2, 4).reshape(t, d, h, w)
             small = F.interpolate(grid, size=(h // m, w // m), mode="bilinear", align_corners=False)
             out.append(small.permute(0, 2, 3, 1).reshape(-1, d))
-    return torch.cat(out) if len(out) != 1 else out[0]
+    # one interpolated item comes out as a transposed view; callers save and pin features, which needs them dense
+    return torch.cat(out) if len(out) != 1 else out[0].contiguous()
 
 
 def packing(

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "CONFIG_NAME",
     "VIDEO_MERGE_SIZE",
     "ImageProcessor",
+    "ImageWarning",
     "ProcessorOutput",
     "ProcessorSettings",
     "ResizeBackend",
@@ -171,6 +173,42 @@ class _Item:
             raise ValueError(f"{self.where}: empty image ({self.frames} x {self.height} x {self.width}, T x H x W)")
 
 
+class ImageWarning(UserWarning):
+    """An image processed as the reference processes it, though the result is probably not what was meant."""
+
+
+# modes whose samples exceed 8 bits; PIL's convert("RGB") clips them (the reference's result, kept)
+_DEEP_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _culprit(where: str, image: Image.Image) -> str:
+    filename = getattr(image, "filename", "")
+    return os.fspath(filename) if filename else where
+
+
+def _check_picture(image: Image.Image, where: str) -> None:
+    """One picture of 8-bit samples: an animated (or multi-page) image is refused, not cut to its first frame;
+    a 16-bit one keeps the reference's clipped result, with a warning."""
+    try:
+        frames = getattr(image, "n_frames", 1)
+    except _DECODE_ERRORS:  # a damaged file: decoding it says what is wrong
+        frames = 1
+    if frames > 1:
+        raise ValueError(
+            f"{_culprit(where, image)}: an animated or multi-page image ({frames} frames); as an image it would "
+            "be encoded as its first frame only. Encode its frames as a video (penguin_vl.load_video), or pass "
+            "the one frame meant (image.convert('RGB') after image.seek(n))"
+        )
+    if image.mode in _DEEP_MODES:
+        warnings.warn(
+            f"{_culprit(where, image)}: more than 8 bits per sample (mode {image.mode}, e.g. a 16-bit PNG); "
+            "converted to RGB as the reference does, which clips every value above 255 to white; scale it to "
+            "8 bits first for a faithful encoding",
+            ImageWarning,
+            stacklevel=2,
+        )
+
+
 def _pil_pixels(image: Image.Image, where: str) -> np.ndarray:
     try:
         rgb = image if image.mode == "RGB" else image.convert("RGB")
@@ -181,12 +219,14 @@ def _pil_pixels(image: Image.Image, where: str) -> np.ndarray:
 
 def _path_item(path: str | os.PathLike, where: str) -> _Item:
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        image = Image.open(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: no such file {os.fspath(path)!r}") from None
     except _DECODE_ERRORS as e:
         raise ValueError(f"{where}: cannot open {os.fspath(path)!r} as an image ({e})") from e
+    with image:
+        width, height = image.size
+        _check_picture(image, where)
 
     def read() -> np.ndarray:
         with Image.open(path) as image:
@@ -230,6 +270,7 @@ def _item(value: ImageInput, where: str, allow_clip: bool, parity: bool) -> _Ite
     if isinstance(value, Video) or (isinstance(value, (str, os.PathLike)) and is_video_file(value)):
         raise ValueError(f"{where}: a video is one item of its own: give it alone, or in ImageProcessor.batch")
     if isinstance(value, Image.Image):
+        _check_picture(value, where)
         width, height = value.size
         item = _Item(where, height, width, 1, lambda: _pil_pixels(value, where))
         # decoded here, once: a lazily loaded image read by several pool threads at a time would race

@@ -53,7 +53,8 @@ class ProcessorSettings:
     """What determines the preprocessor's output, with the upstream names, checked on construction.
 
     Defaults are the released settings: ``patch_size`` 14, ``min_tokens`` 16 and ``max_tokens`` 16384
-    (per image or frame, in ``patch_size``-pixel patches), ``image_mean`` and ``image_std`` 0.5 (one
+    (per image or frame, in tokens after merging: one per ``(patch_size * merge_size)``-pixel square, so
+    ``merge_size**2`` patches each; at merge size 1, patches), ``image_mean`` and ``image_std`` 0.5 (one
     number or one per channel), ``rescale_factor`` 1/255; ``do_rescale`` and ``do_normalize`` may be
     switched off. The resize is always BICUBIC of RGB images (the upstream ``resample``, ``do_resize``
     and ``do_convert_rgb`` keys are checked to say so, not kept).

@@ -178,7 +178,6 @@ def _bad_calls() -> dict[str, tuple[type[Exception], str, object]]:
             lambda: pk.linear(x, w, residual=torch.zeros(4, 6, device=device(), dtype=torch.float16)),
         ),
         "swiglu-odd-rows": (ValueError, "gate and up", lambda: pk.gate_up_swiglu(x, w[:5])),
-        "grad": (NotImplementedError, "inference only", lambda: pk.linear(x, w.clone().requires_grad_())),
     }
     if not HAS_CUDA:
         calls["bf16-interpreter"] = (

@@ -18,7 +18,7 @@ from tests.utils import INTERPRETER
 
 ARCHS = (90, 80)
 EXAMPLE = "tests.inspect_example"
-MMA_MODULES = ("penguin_kernels.attention", "penguin_kernels.gemm")
+MMA_MODULES = ("penguin_kernels.attention", "penguin_kernels.attention_backward", "penguin_kernels.gemm")
 
 
 @pytest.fixture(scope="module")

@@ -149,11 +149,6 @@ def _bad_calls() -> dict[str, tuple[type[Exception], str, object]]:
             lambda: pk.projector_mlp(x, w1, b1, w2[:, :23], b2),
         ),
         "x-float64": (TypeError, "x must have dtype", lambda: pk.projector_mlp(x.double(), w1, b1, w2, b2)),
-        "grad": (
-            NotImplementedError,
-            "inference only",
-            lambda: pk.projector_mlp(x, w1, b1, w2.clone().requires_grad_(), b2),
-        ),
     }
 
 

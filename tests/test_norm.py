@@ -156,11 +156,6 @@ def _bad_calls() -> dict[str, tuple[type[Exception], str, object]]:
             "residual has dtype",
             lambda: pk.rms_norm_residual(x, residual.half(), weight, EPS),
         ),
-        "grad": (
-            NotImplementedError,
-            "inference only",
-            lambda: pk.rms_norm(x.clone().requires_grad_(), weight, EPS),
-        ),
     }
 
 

@@ -27,12 +27,14 @@ from penguin_vl.encode.checkpoints import (
     make_processor,
     resolve_model,
 )
+from penguin_vl.encode.files import OutputError
 from penguin_vl.encode.inputs import Input, InputError, VideoOptions, collect_inputs, read, shard
 from penguin_vl.encode.pipeline import Prepared, Summary, encode, prepare
 from penguin_vl.encode.progress import Progress
 from penguin_vl.encode.sinks import (
     FORMAT,
     INDEX_FORMAT,
+    SAME_OUTPUT,
     DirSink,
     FileSink,
     RunInfo,
@@ -40,9 +42,11 @@ from penguin_vl.encode.sinks import (
     files_fingerprint,
     index_path,
     merge_index,
+    package_version,
     part_path,
     run_digest,
     run_metadata,
+    source_stamp,
 )
 from penguin_vl.hub import ModelNotFoundError, hub_cache_dir
 
@@ -51,6 +55,7 @@ __all__ = [
     "INDEX_FORMAT",
     "RANDOM",
     "RANDOM_LLM_HIDDEN",
+    "SAME_OUTPUT",
     "TINY_CONFIG",
     "TINY_LLM_HIDDEN",
     "DirSink",
@@ -58,6 +63,7 @@ __all__ = [
     "Input",
     "InputError",
     "ModelNotFoundError",
+    "OutputError",
     "Prepared",
     "Progress",
     "RunInfo",
@@ -73,6 +79,7 @@ __all__ = [
     "load_model",
     "make_processor",
     "merge_index",
+    "package_version",
     "part_path",
     "prepare",
     "read",
@@ -80,4 +87,5 @@ __all__ = [
     "run_digest",
     "run_metadata",
     "shard",
+    "source_stamp",
 ]

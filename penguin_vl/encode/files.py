@@ -8,7 +8,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "file_mode", "write_text"]
+from safetensors import SafetensorError
+
+__all__ = ["OutputError", "atomic_write", "file_mode", "write_text"]
+
+
+class OutputError(OSError):
+    """An output that cannot be written (a read-only or full disk, a missing permission); names the file."""
 
 
 @functools.cache
@@ -20,16 +26,24 @@ def file_mode() -> int:
 
 
 def atomic_write(path: Path, write: Callable[[str], None], *, replace: bool = True) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then move it to ``path`` in one step.
+    """``write(tmp)`` to a temporary file beside ``path`` (its directory made if need be), then move it to
+    ``path`` in one step; :class:`OutputError` when it cannot be written.
 
     Without ``replace``, an existing ``path`` (even one that appeared while the run was going) is left alone
     and :class:`FileExistsError` is raised: the file is hard-linked into place, which fails if the name exists.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
+        try:
+            write(tmp)
+            os.chmod(tmp, file_mode())
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+            raise OutputError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from e
         if replace:
             os.replace(tmp, path)
             return

@@ -200,6 +200,9 @@ def read(inp: Input, video: VideoOptions = RELEASED_SAMPLING) -> list[Image.Imag
 def _open_image(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img.load()
+        # counted while the file is open (Pillow counts GIF frames by seeking through it), so that the
+        # processor can refuse an animated image rather than encode its first frame
+        getattr(img, "n_frames", 1)
         return img
 
 

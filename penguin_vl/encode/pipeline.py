@@ -8,7 +8,10 @@
 The pool runs a bounded window of inputs ahead and the packer keeps two packed batches ready, so the
 device does not wait for image decoding or resizing. On CUDA the host copy of batch k's features is
 queued behind its forward and collected only after batch k+1 has been launched, so the device also
-does not wait for the split and the write.
+does not wait for the split and the write. On a CPU, where one batch can take minutes and packing saves
+no launches, a batch runs one input at a time and a clip one frame at a time (the encoder attends and
+merges within a frame, so the features are the same up to summation order): each input is written as
+soon as it is done and the progress moves with every frame.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from penguin_vl.encode.inputs import RELEASED_SAMPLING, Input, VideoOptions, read
 from penguin_vl.encode.progress import Progress
-from penguin_vl.encode.sinks import Sink
+from penguin_vl.encode.sinks import Sink, source_stamp
 from penguin_vl.model import PenguinEncoder
 from penguin_vl.processor import ImageProcessor, restore_default_torch_threads, torch_worker_pool
 from penguin_vl.video import Video
@@ -45,16 +48,19 @@ class Prepared:
     grid_sizes: torch.Tensor  # [rows, 3] int64
     merge_sizes: torch.Tensor  # [rows] int64
     seconds: float
-    timestamps: torch.Tensor | None = None  # [frames] float64
-    frame_types: torch.Tensor | None = None  # [frames] int32
+    source: str = ""  # source_stamp of the files read
+    timestamps: torch.Tensor | None = None  # a video's: [frames] float64 seconds
+    frame_types: torch.Tensor | None = None  # a video's: [frames] int32, 0 key, 1 intermediate
+
+    @property
+    def frames(self) -> list[tuple[int, int, int]]:
+        """``(h, w, m)`` of every frame, in row order."""
+        rows = zip(self.grid_sizes.tolist(), self.merge_sizes.tolist(), strict=True)
+        return [(h, w, m) for (t, h, w), m in rows for _ in range(t)]
 
     @property
     def tokens(self) -> int:
         return self.pixel_values.shape[0]
-
-    @property
-    def frames(self) -> int:
-        return int(self.grid_sizes[:, 0].sum())
 
     @property
     def out_tokens(self) -> int:
@@ -95,15 +101,16 @@ def prepare(
     path), one grid row per frame; a video file is decoded and sampled here (in the pool), then is a clip
     whose frame types split the budget between key and intermediate frames."""
     start = time.perf_counter()
+    source = source_stamp(inp)  # before reading: a file changed meanwhile is never taken for the one read
     pixels = read(inp, video)
+    timestamps = types = None
     if isinstance(pixels, Video):
         out = processor(list(pixels.frames), merge_size=clip_merge_size, frame_types=pixels.frame_types)
         timestamps, types = torch.from_numpy(pixels.timestamps), torch.from_numpy(pixels.frame_types)
     else:
         out = processor(pixels, merge_size=clip_merge_size if inp.is_clip else merge_size)
-        timestamps = types = None
     seconds = time.perf_counter() - start
-    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, seconds, timestamps, types)
+    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, seconds, source, timestamps, types)
 
 
 def _prepared_in_order(
@@ -231,27 +238,49 @@ def encode(
         except BaseException as e:  # noqa: BLE001 (handed to the main thread, which raises it)
             put(e)
 
+    def write(p: Prepared, feats: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        extra = {} if p.timestamps is None else {"timestamps": p.timestamps, "frame_types": p.frame_types}
+        sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes, source=p.source, **extra)
+        summary.encoded.append(p.name)
+        summary.out_tokens += feats.shape[0]
+        summary.write += time.perf_counter() - t0
+
+    def account(batch: _Batch) -> None:
+        summary.items += len(batch.items)
+        summary.frames += sum(len(p.frames) for p in batch.items)
+        summary.tokens += batch.tokens
+        summary.batches += 1
+        summary.preprocess += sum(p.seconds for p in batch.items)
+
     def finish(batch: _Batch, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
         t0 = time.perf_counter()
         if event is not None:
             event.synchronize()
         summary.encode += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sizes = [p.out_tokens for p in batch.items]
-        for p, feats in zip(batch.items, host.split(sizes), strict=True):
-            extra = {} if p.timestamps is None else {"timestamps": p.timestamps, "frame_types": p.frame_types}
-            sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes, **extra)
-            summary.encoded.append(p.name)
-            summary.out_tokens += feats.shape[0]
-        summary.write += time.perf_counter() - t0
-        frames = sum(p.frames for p in batch.items)
-        summary.items += len(batch.items)
-        summary.frames += frames
-        summary.tokens += batch.tokens
-        summary.batches += 1
-        summary.preprocess += sum(p.seconds for p in batch.items)
+        for p, feats in zip(batch.items, host.split([p.out_tokens for p in batch.items]), strict=True):
+            write(p, feats)
+        account(batch)
         if progress is not None:
-            progress.update(len(batch.items), batch.tokens, frames=frames)
+            progress.update(len(batch.items), batch.tokens, frames=sum(len(p.frames) for p in batch.items))
+
+    def run_by_frame(batch: _Batch) -> None:
+        row = 0
+        for p in batch.items:
+            frames = p.frames
+            parts = []
+            for k, (h, w, m) in enumerate(frames):
+                t0 = time.perf_counter()
+                grid = torch.tensor([[1, h, w]], dtype=p.grid_sizes.dtype)
+                merge = torch.tensor([m], dtype=p.merge_sizes.dtype)
+                with torch.inference_mode():
+                    parts.append(model(batch.pixel_values[row : row + h * w], grid, merge, project=project))
+                summary.encode += time.perf_counter() - t0
+                row += h * w
+                if progress is not None:  # k + 1 of the input's frames done, as an exact fraction of it
+                    progress.update((k + 1) / len(frames) - k / len(frames), h * w, frames=1)
+            write(p, torch.cat(parts) if len(parts) > 1 else parts[0])
+        account(batch)
 
     pool = torch_worker_pool(workers, "penguin-preprocess")
     thread = threading.Thread(target=packer, args=(pool,), name="penguin-packer", daemon=True)
@@ -271,16 +300,17 @@ def encode(
                 if progress is not None:
                     progress.update(1, 0, failed=1)
                 continue
+            if not on_cuda:
+                run_by_frame(item)
+                continue
             t0 = time.perf_counter()
             pixel_values = item.pixel_values.to(device, non_blocking=True)
             with torch.inference_mode():
                 feats = model(pixel_values, item.grid_sizes, item.merge_sizes, project=project)
-            host, event = feats, None
-            if on_cuda:
-                host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                host.copy_(feats, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            host.copy_(feats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
             summary.encode += time.perf_counter() - t0
             if inflight is not None:
                 finish(*inflight)
@@ -292,7 +322,7 @@ def encode(
         final["inputs"] = json.dumps(summary.encoded)
         final["failed"] = json.dumps(summary.failed)
         t0 = time.perf_counter()
-        if summary.encoded or sink.sharded:
+        if summary.encoded or sink.kept or sink.sharded:
             sink.commit(final)
         summary.write += time.perf_counter() - t0
     finally:

@@ -2,11 +2,12 @@
 (:class:`DirSink`), each written atomically, with the metadata of what produced them (:class:`RunInfo`)
 and, for a directory or a sharded run, the run index.
 
-A sink is driven by :func:`penguin_vl.encode.encode` through :class:`Sink`: ``conflicts`` and
-``clear_stale`` before the run, ``add`` per encoded input, ``commit`` at the end.
+A sink is driven through :class:`Sink`: ``conflicts`` (and, resuming, ``resume``) before the run, ``begin``
+and ``add`` per encoded input by :func:`penguin_vl.encode.encode`, ``commit`` at the end. Nothing is
+removed before the run: an interrupted one leaves every earlier output whole.
 
 Index: a directory's ``index.json`` (or ``out.index.json`` beside a sharded file) maps input names to the
-files holding them and lists the failed inputs; it is written last and marks a finished run. Under
+files holding them and lists the failed inputs; it is written last and describes the last finished run. Under
 ``torchrun`` every rank writes its own part, recorded with a digest of the run (input list, settings,
 model, and the files they name); the last rank to find all the parts of its run writes the index, and
 :func:`merge_index` rebuilds it from the parts.
@@ -34,6 +35,7 @@ from penguin_vl.encode.inputs import Input
 __all__ = [
     "FORMAT",
     "INDEX_FORMAT",
+    "SAME_OUTPUT",
     "DirSink",
     "FileSink",
     "RunInfo",
@@ -41,9 +43,11 @@ __all__ = [
     "files_fingerprint",
     "index_path",
     "merge_index",
+    "package_version",
     "part_path",
     "run_digest",
     "run_metadata",
+    "source_stamp",
 ]
 
 FORMAT = "penguin-vl-features/1"
@@ -85,17 +89,18 @@ class Sink(Protocol):
     """What the encoding loop writes to."""
 
     sharded: bool
+    kept: dict[str, str]
 
     def conflicts(self) -> list[Path]:
         """Outputs of this run that exist already."""
         ...
 
-    def clear_stale(self) -> None:
-        """Before overwriting: drop what would describe an older run."""
-        ...
-
     def begin(self, metadata: dict[str, str]) -> None:
         """The run's metadata (see :func:`run_metadata`), before the first input."""
+        ...
+
+    def resume(self, metadata: dict[str, str], inputs: Sequence[Input]) -> list[str]:
+        """Before the run: keep the outputs already complete for this run; returns the names of their inputs."""
         ...
 
     def add(
@@ -104,11 +109,13 @@ class Sink(Protocol):
         features: torch.Tensor,
         grid: torch.Tensor,
         merge: torch.Tensor,
+        source: str = "",
         *,
         timestamps: torch.Tensor | None = None,
         frame_types: torch.Tensor | None = None,
     ) -> None:
-        """One encoded input; a video's frames also have timestamps (seconds) and types (0 key, 1 intermediate)."""
+        """One encoded input; ``source``: the :func:`source_stamp` of the files it was read from; a video's
+        frames also have ``timestamps`` (seconds) and ``frame_types`` (0 key, 1 intermediate)."""
         ...
 
     def commit(self, metadata: dict[str, str]) -> Path:
@@ -128,12 +135,6 @@ def index_path(out: Path, directory: bool) -> Path:
     return out / "index.json" if directory else out.with_name(f"{out.stem}.index.json")
 
 
-def _video_tensors(timestamps: torch.Tensor | None, frame_types: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    if timestamps is None or frame_types is None:
-        return {}
-    return {"timestamps": timestamps, "frame_types": frame_types}
-
-
 class FileSink:
     """All features in one safetensors file, written once at the end: ``<name>.features`` [n, dim] in the
     model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64; for
@@ -146,17 +147,14 @@ class FileSink:
         self.index = index_path(path, directory=False) if world_size > 1 else None
         self.sharded = world_size > 1
         self.tensors: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, str] = {}
 
     def conflicts(self) -> list[Path]:
         return [p for p in (self.path, self.index) if p is not None and p.exists()]
 
-    def clear_stale(self) -> None:
-        """Before overwriting a sharded run, drop this rank's old part and the index: an index must describe
-        only parts of one finished run, and the last rank to finish writes it again. A single file is simply
-        replaced at the end."""
-        if self.index is not None:
-            self.path.unlink(missing_ok=True)
-            self.index.unlink(missing_ok=True)
+    def resume(self, metadata: dict[str, str], inputs: Sequence[Input]) -> list[str]:
+        """A single file is written whole at the end: there is nothing to resume from."""
+        raise ValueError(f"{self.path}: a run into one file cannot be resumed; write one file per input (--out-dir)")
 
     def begin(self, metadata: dict[str, str]) -> None:
         """Nothing to do: the one file is written at the end, with the final metadata."""
@@ -167,18 +165,14 @@ class FileSink:
         features: torch.Tensor,
         grid: torch.Tensor,
         merge: torch.Tensor,
+        source: str = "",
         *,
         timestamps: torch.Tensor | None = None,
         frame_types: torch.Tensor | None = None,
     ) -> None:
-        self.tensors[f"{name}.features"] = features
-        self.tensors[f"{name}.grid"] = grid
-        self.tensors[f"{name}.merge"] = merge
-        for key, tensor in _video_tensors(timestamps, frame_types).items():
-            self.tensors[f"{name}.{key}"] = tensor
+        self.tensors.update(_stored(f"{name}.", features, grid, merge, timestamps, frame_types))
 
     def commit(self, metadata: dict[str, str]) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata), replace=self.overwrite)
         return self.path
 
@@ -205,9 +199,13 @@ def _file_names(names: Sequence[str]) -> dict[str, str]:
 class DirSink:
     """One safetensors file per input in a directory (tensors ``features``, ``grid``, ``merge``, and for a
     video ``timestamps`` and ``frame_types``), each written
-    as soon as its input is encoded, and at the end ``index.json`` mapping input names to files (a rank's
-    ``index.rankRRRRR-of-WWWWW.json`` under torchrun). File names are derived from all the inputs of the run,
-    so ranks never collide."""
+    atomically as soon as its input is encoded, and at the end ``index.json`` mapping input names to files
+    (a rank's ``index.rankRRRRR-of-WWWWW.json`` under torchrun). File names are derived from all the inputs
+    of the run, so ranks never collide.
+
+    Nothing is removed before the run: an interrupted run leaves, per input, the old complete file or the
+    new complete one, and the old index until the new one replaces it. :meth:`resume` keeps the files that
+    already hold what this run would write."""
 
     def __init__(
         self,
@@ -228,17 +226,34 @@ class DirSink:
         self.sharded = world_size > 1
         self.metadata: dict[str, str] = {}
         self.written: dict[str, str] = {}
+        self.kept: dict[str, str] = {}
+        self.resumed = False
 
     def conflicts(self) -> list[Path]:
         paths = [self.index, self.part, *(self.dir / f for f in self.files.values())]
         return [p for p in paths if p is not None and p.exists()]
 
-    def clear_stale(self) -> None:
-        """Before overwriting, drop the index and this rank's part: an index must describe only files of one
-        finished run, and the last rank to finish writes it again."""
-        self.index.unlink(missing_ok=True)
-        if self.part is not None:
-            self.part.unlink(missing_ok=True)
+    def resume(self, metadata: dict[str, str], inputs: Sequence[Input]) -> list[str]:
+        """Keep the files of ``inputs`` that are complete and were made from the same input files, model and
+        settings (:data:`SAME_OUTPUT` in ``metadata``); returns their names. Another file in the way is
+        replaced with ``overwrite`` and raises :class:`FileExistsError` without."""
+        self.resumed = True
+        in_the_way = []
+        for inp in inputs:
+            path = self.dir / self.files[inp.name]
+            if not path.exists():
+                continue
+            if _holds(path, inp, metadata):
+                self.kept[inp.name] = self.files[inp.name]
+            else:
+                in_the_way.append(path)
+        if in_the_way and not self.overwrite:
+            shown = ", ".join(str(p) for p in in_the_way[:3]) + (" ..." if len(in_the_way) > 3 else "")
+            raise FileExistsError(
+                f"output exists from another model, other settings or changed inputs: {shown}; "
+                "pass --overwrite to replace it"
+            )
+        return list(self.kept)
 
     def begin(self, metadata: dict[str, str]) -> None:
         """Every per-input file carries the run's metadata."""
@@ -250,23 +265,93 @@ class DirSink:
         features: torch.Tensor,
         grid: torch.Tensor,
         merge: torch.Tensor,
+        source: str = "",
         *,
         timestamps: torch.Tensor | None = None,
         frame_types: torch.Tensor | None = None,
     ) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         file = self.files[name]
-        tensors = {"features": features, "grid": grid, "merge": merge, **_video_tensors(timestamps, frame_types)}
-        metadata = {**self.metadata, "name": name}
+        tensors = _stored("", features, grid, merge, timestamps, frame_types)
+        metadata = {**self.metadata, "name": name, "source": source}
         atomic_write(self.dir / file, lambda tmp: save_file(tensors, tmp, metadata=metadata), replace=self.overwrite)
         self.written[name] = file
 
     def commit(self, metadata: dict[str, str]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        record = _part_record(metadata, self.written)
+        done = {**self.kept, **self.written}
+        record = _part_record(metadata, {n: f for n, f in self.files.items() if n in done})
         target = self.part or self.index
-        atomic_write(target, write_text(json.dumps(record, indent=1) + "\n"), replace=self.overwrite)
+        # a resumed run rewrites the index: the files it names were checked against this run already
+        atomic_write(target, write_text(json.dumps(record, indent=1) + "\n"), replace=self.overwrite or self.resumed)
         return target
+
+
+# what makes two outputs of one input the same: the model (and its files), the dtype, the projection and
+# the preprocessing and merge settings; the device and the backend only change rounding
+SAME_OUTPUT = (
+    "format",
+    "model",
+    "model_path",
+    "model_files",
+    "random_init",
+    "dtype",
+    "projected",
+    "feature_dim",
+    "settings",
+)
+
+
+def _stored(
+    prefix: str,
+    features: torch.Tensor,
+    grid: torch.Tensor,
+    merge: torch.Tensor,
+    timestamps: torch.Tensor | None = None,
+    frame_types: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    # safetensors stores dense row-major tensors only; a strided view (e.g. a merge-size-3 interpolation's
+    # output) is copied here rather than failing after the whole run
+    tensors = {"features": features, "grid": grid, "merge": merge}
+    if timestamps is not None and frame_types is not None:
+        tensors |= {"timestamps": timestamps, "frame_types": frame_types}
+    return {f"{prefix}{key}": tensor.contiguous() for key, tensor in tensors.items()}
+
+
+def source_stamp(inp: Input) -> str:
+    """Size and modification time of the files an input is read from, hashed: a kept output must come
+    from the same bytes."""
+    return _stamp(inp.files)
+
+
+def _stamp(files: Sequence[Path]) -> str:
+    stamps = []
+    for f in files:
+        try:
+            st = f.stat()
+            stamps.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append((str(f), -1, -1))
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+
+
+def _holds(path: Path, inp: Input, metadata: dict[str, str]) -> bool:
+    """Whether ``path`` is a complete output of ``inp`` made as ``metadata`` describes."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if sorted(f.keys()) != ["features", "grid", "merge"]:
+                return False
+            grid, merge = f.get_tensor("grid"), f.get_tensor("merge")
+            shape = tuple(f.get_slice("features").get_shape())
+    except Exception:  # noqa: BLE001 (an unreadable file, whatever safetensors says about it, is not complete)
+        return False
+    if meta.get("name") != inp.name or meta.get("source") != source_stamp(inp):
+        return False
+    if any(meta.get(k) != metadata.get(k) for k in SAME_OUTPUT):
+        return False
+    if grid.dim() != 2 or grid.shape[1] != 3 or merge.shape != grid.shape[:1] or (merge < 1).any():
+        return False
+    tokens = int((grid[:, 0] * (grid[:, 1] // merge) * (grid[:, 2] // merge)).sum())
+    return shape == (tokens, int(metadata["feature_dim"]))
 
 
 def _part_record(metadata: dict[str, str], inputs: dict[str, str]) -> dict[str, Any]:
@@ -285,7 +370,8 @@ def _part_record(metadata: dict[str, str], inputs: dict[str, str]) -> dict[str, 
 def run_metadata(info: RunInfo, all_inputs: Sequence[Input], rank: int, world_size: int) -> dict[str, str]:
     """Metadata of one rank's output: :meth:`RunInfo.metadata` plus the rank, the world size and the run digest."""
     meta = info.metadata()
-    meta["package_version"] = _package_version()
+    meta["package_version"] = package_version()
+    meta["model_files"] = _stamp(_checkpoint_files(info.model_path))
     meta["rank"], meta["world_size"] = str(rank), str(world_size)
     # the fingerprint stats every input file; only parts of a sharded run are ever matched against each other
     fingerprint = files_fingerprint(all_inputs, info) if world_size > 1 else ""
@@ -296,20 +382,16 @@ def run_metadata(info: RunInfo, all_inputs: Sequence[Input], rank: int, world_si
 def files_fingerprint(inputs: Sequence[Input], info: RunInfo) -> str:
     """Size and modification time of every input file and checkpoint file: a part left by an earlier run
     over the same names joins a new run's index only if none of the files it was computed from changed."""
-    files = [f for i in inputs for f in i.files]
-    if info.model_path:
-        files += sorted(p for p in Path(info.model_path).iterdir() if p.suffix in (".json", ".safetensors"))
-    stamps = []
-    for f in files:
-        try:
-            st = f.stat()
-            stamps.append((str(f), st.st_size, st.st_mtime_ns))
-        except OSError:
-            stamps.append((str(f), -1, -1))
-    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+    return _stamp([f for i in inputs for f in i.files] + _checkpoint_files(info.model_path))
 
 
-def _package_version() -> str:
+def _checkpoint_files(model_path: str) -> list[Path]:
+    if not model_path:
+        return []
+    return sorted(p for p in Path(model_path).iterdir() if p.suffix in (".json", ".safetensors"))
+
+
+def package_version() -> str:
     try:
         return importlib.metadata.version("penguin-kernels")
     except importlib.metadata.PackageNotFoundError:
@@ -346,15 +428,28 @@ def _read_parts(out: Path, directory: bool, world_size: int | None) -> tuple[int
     return world_size, [reader(parts[r]) for r in range(world_size)]
 
 
+_PART_KEYS = ("run", "rank", "world_size", "inputs", "failed", "metadata")
+
+
 def _read_dir_part(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    try:
+        part = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a part of a run's index ({e})") from None
+    missing = [k for k in _PART_KEYS if not isinstance(part, dict) or k not in part]
+    if missing:
+        raise ValueError(f"{path}: not a part of a run's index (no {', '.join(missing)})")
+    return part
 
 
 def _read_file_part(path: Path) -> dict[str, Any]:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    names = json.loads(metadata["inputs"])
-    return _part_record(metadata, dict.fromkeys(names, path.name))
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        names = json.loads(metadata["inputs"])
+        return _part_record(metadata, dict.fromkeys(names, path.name))
+    except Exception as e:  # noqa: BLE001 (safetensors' own error type is not a public class everywhere)
+        raise ValueError(f"{path}: not a part written by penguin-vl encode ({type(e).__name__}: {e})") from None
 
 
 def merge_index(
