@@ -5,6 +5,7 @@ from penguin_vl.hub import ModelNotFoundError
 from penguin_vl.loading import CheckpointError, save_encoder
 from penguin_vl.model import PenguinEncoder, PenguinProjector
 from penguin_vl.processor import ImageProcessor, ProcessorOutput
+from penguin_vl.video import Video, VideoError, load_video
 
 __all__ = [
     "CheckpointError",
@@ -15,5 +16,8 @@ __all__ = [
     "PenguinProjector",
     "ProcessorOutput",
     "ProjectorConfig",
+    "Video",
+    "VideoError",
+    "load_video",
     "save_encoder",
 ]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "library", "status"]
+__all__ = ["build", "enabled", "library", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "resize.c"
 
@@ -97,14 +97,16 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "penguin_vl"
 
 
-def _build() -> ctypes.CDLL:
+def build(source: Path) -> ctypes.CDLL:
+    """Compile ``source`` into a shared library in the cache (once per source, compiler and flags) and load it.
+
+    Also builds the video key-frame kernel (:mod:`penguin_vl.video._compiled`)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
     flags = _flags()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, *(s.encode() for s in (*cc, *flags, platform.machine()))]))
-    target = _cache_dir() / f"resize-{key.hexdigest()[:20]}.so"
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *(s.encode() for s in (*cc, *flags, platform.machine()))]))
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:20]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,14 +115,18 @@ def _build() -> ctypes.CDLL:
             raise RuntimeError(f"cannot write to {target.parent} ({exc}); set PENGUIN_VL_CACHE_DIR") from exc
         os.close(fd)
         try:
-            done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([*cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                raise RuntimeError(f"{Path(cc[0]).name} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"{Path(cc[0]).name} failed on {source.name}: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+def _build() -> ctypes.CDLL:
+    lib = build(SOURCE)
     fn = lib.penguin_resize
     fn.argtypes = _ARGTYPES
     fn.restype = ctypes.c_int

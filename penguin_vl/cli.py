@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -65,15 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "encode",
-        help="encode images and clips into a safetensors file",
+        help="encode images, videos and clips into a safetensors file",
         description=(
-            "Encode images and clips with the Penguin-VL vision encoder. INPUT: image files, .npy clips "
-            "(uint8 [T, H, W, C]), directories (searched recursively for both) or quoted glob patterns "
-            "('**' recurses). A directory of frames is one clip with --clip. Features are keyed by input "
-            "name: the path as given, normalised."
+            "Encode images, videos and clips with the Penguin-VL vision encoder. INPUT: image files, video "
+            "files (.mp4, .mkv, .webm, .mov, .avi, ...: whatever the bundled FFmpeg decodes), .npy clips "
+            "(uint8 [T, H, W, C]), directories (searched recursively for all three) or quoted glob patterns "
+            "('**' recurses). A directory of frames is one clip with --clip. Videos are sampled as the "
+            "reference samples them (--fps, --max-frames, --start/--end) and typed into key and intermediate "
+            "frames; their frames' timestamps and types are stored beside the features. Features are keyed "
+            "by input name: the path as given, normalised."
         ),
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image file, .npy clip, directory or glob")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image file, video file, .npy clip, directory or glob")
     p.add_argument(
         "--clip", action="append", default=[], metavar="DIR", help="a directory of frames encoded as one clip"
     )
@@ -111,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="triton: Triton kernels (CUDA); torch: plain PyTorch; auto: triton on CUDA",
     )
     p.add_argument("--merge-size", type=_positive, default=1, help="merge size for images (default 1)")
-    p.add_argument("--clip-merge-size", type=_positive, default=2, help="merge size for clip frames (default 2)")
+    p.add_argument(
+        "--clip-merge-size", type=_positive, default=2, help="merge size for clip and video frames (default 2)"
+    )
+    p.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    p.add_argument(
+        "--max-frames", type=_positive, default=180, help="most frames per video, evenly thinned (default 180)"
+    )
+    p.add_argument("--start", type=float, metavar="SECONDS", help="video start time (default: the beginning)")
+    p.add_argument("--end", type=float, metavar="SECONDS", help="video end time (default: the end)")
     p.add_argument(
         "--min-tokens",
         type=_positive,
@@ -274,7 +286,11 @@ class _EncodeSetup:
 
 def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
     if not args.inputs and not args.clip:
-        raise UsageError("nothing to encode: give image files, directories, globs, .npy clips or --clip DIR")
+        raise UsageError("nothing to encode: give image or video files, directories, globs, .npy clips or --clip DIR")
+    try:
+        video = enc.VideoOptions(args.fps, args.max_frames, args.start, args.end)
+    except ValueError as e:
+        raise UsageError(f"video sampling: {e} (--fps, --max-frames, --start, --end)") from None
     if args.min_tokens is not None and args.max_tokens is not None and args.min_tokens > args.max_tokens:
         raise UsageError(f"--min-tokens {args.min_tokens} is larger than --max-tokens {args.max_tokens}")
     rank, world_size, local_rank = _distributed()
@@ -317,6 +333,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
     settings = {
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
+        "video_sampling": dataclasses.asdict(video),
         "batch_tokens": args.batch_tokens,
         **processor.settings.metadata(),
     }
@@ -343,6 +360,7 @@ def _setup_encode(args: argparse.Namespace) -> _EncodeSetup:
         "batch_tokens": args.batch_tokens,
         "merge_size": args.merge_size,
         "clip_merge_size": args.clip_merge_size,
+        "video": video,
         "project": args.project,
         "workers": args.workers,
         "progress": enc.Progress(
@@ -368,9 +386,11 @@ def _print_summary(s: enc.Summary, setup: _EncodeSetup, args: argparse.Namespace
         model = f"{info.model} ({info.model_path})"
     enc_rate = f"{s.items / s.encode:.2f} items/s, {s.tokens / s.encode:,.0f} tokens/s" if s.encode > 0 else "-"
     output = sink.path if isinstance(sink, enc.FileSink) else sink.dir
+    frames = f" ({s.frames:,} frames)" if s.frames > s.items else ""
     lines = [
-        f"{tag}encoded {s.items} of {s.items + len(s.failed)} inputs in {s.total:.1f} s: {s.tokens:,} patches -> "
-        f"{s.out_tokens:,} features of dim {info.feature_dim}" + (" (projected)" if info.projected else ""),
+        f"{tag}encoded {s.items} of {s.items + len(s.failed)} inputs{frames} in {s.total:.1f} s: "
+        f"{s.tokens:,} patches -> {s.out_tokens:,} features of dim {info.feature_dim}"
+        + (" (projected)" if info.projected else ""),
         f"  model   {model}",
         f"  run     {info.dtype} on {info.device}, backend {info.backend}, {s.batches} "
         f"batch{'es' if s.batches != 1 else ''} of <= {args.batch_tokens:,} patches, "

@@ -20,7 +20,10 @@ full-size float copy besides the output.
   and benchmarks.
 
 Inputs: PIL images of any mode PIL converts to RGB, paths to image files, and uint8 arrays
-(numpy or torch) laid out ``[H, W, 3]``, or ``[T, H, W, 3]`` for a clip given as one item.
+(numpy or torch) laid out ``[H, W, 3]``, or ``[T, H, W, 3]`` for a clip given as one item; and videos:
+a :class:`~penguin_vl.video.Video` from :func:`~penguin_vl.video.load_video`, or a video file's path
+(read with the released sampling, fps 1 and at most 180 frames), each frame its own grid row, key and
+intermediate frames sized by the TRA budget split, as the reference's video path does.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ from penguin_vl.processor_settings import (
     _check_fixed,
     _positive_int,
 )
+from penguin_vl.video import Video, is_video_file, load_video
 
 __all__ = [
     "CONFIG_NAME",
+    "VIDEO_MERGE_SIZE",
     "ImageProcessor",
     "ImageWarning",
     "ProcessorOutput",
@@ -65,6 +70,7 @@ __all__ = [
     "target_sizes",
 ]
 
+VIDEO_MERGE_SIZE = 2  # the released processor's merge size for video frames (SPEC section 8)
 # what PIL raises on files it cannot identify or decode
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -251,7 +257,18 @@ def _array_item(array: np.ndarray, where: str, allow_clip: bool, parity: bool) -
     return _Item(where, array.shape[-3], array.shape[-2], frames, lambda: array)
 
 
+def _video(value: ImageInput) -> Video | None:
+    """``value`` as a video: a :class:`Video` as is, a video file read with the released sampling."""
+    if isinstance(value, Video):
+        return value
+    if isinstance(value, (str, os.PathLike)) and is_video_file(value):
+        return load_video(value)
+    return None
+
+
 def _item(value: ImageInput, where: str, allow_clip: bool, parity: bool) -> _Item:
+    if isinstance(value, Video) or (isinstance(value, (str, os.PathLike)) and is_video_file(value)):
+        raise ValueError(f"{where}: a video is one item of its own: give it alone, or in ImageProcessor.batch")
     if isinstance(value, Image.Image):
         _check_picture(value, where)
         width, height = value.size
@@ -382,7 +399,7 @@ class ImageProcessor:
     def __call__(
         self,
         images: ImageInput | Sequence[ImageInput],
-        merge_size: int = 1,
+        merge_size: int | None = None,
         frame_types: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         *,
         pin_memory: bool = False,
@@ -394,12 +411,22 @@ class ImageProcessor:
         and becomes its own grid row. ``frame_types`` (0 key, 1 intermediate, one per item) applies
         the TRA budget split. ``pin_memory`` returns ``pixel_values`` in page-locked memory.
 
+        ``images`` may also be one video (a :class:`~penguin_vl.video.Video` or a video file's path):
+        its frames as that list with its frame types, which is the reference's video path.
+        ``merge_size`` defaults to 1 for images and :data:`VIDEO_MERGE_SIZE` for a video.
+
         One departure: the upstream code guesses the channel axis from the array shape and takes an
         image 1 or 3 pixels high for a channels-first one. Such arrays are refused here (their result
         would be the upstream's accident); PIL images and files of that height are processed as SPEC
         section 5 describes.
         """
-        merge = _positive_int(merge_size, "merge_size")
+        video = None if isinstance(images, (list, tuple)) else _video(images)
+        if video is not None:
+            if frame_types is not None:
+                raise ValueError("frame_types come with the video; to give others, pass list(video.frames)")
+            images, frame_types = list(video.frames), video.frame_types
+        default = 1 if video is None else VIDEO_MERGE_SIZE
+        merge = _positive_int(default if merge_size is None else merge_size, "merge_size")
         values = list(images) if isinstance(images, (list, tuple)) else [images]
         if not values:
             raise ValueError("images is empty")
@@ -408,21 +435,46 @@ class ImageProcessor:
         first = items[0]
         factor = self.patch_size * merge
         sizes = target_sizes(first.height, first.width, types, factor, self.min_tokens, self.max_tokens)
-        return self._pack(items, sizes, merge, pin_memory)
+        return self._pack(items, sizes, [merge] * len(items), pin_memory)
 
-    def batch(self, items: Sequence[ImageInput], merge_size: int = 1, *, pin_memory: bool = False) -> ProcessorOutput:
-        """Preprocess unrelated images (or clips) in one packed output, each sized on its own.
+    def batch(
+        self,
+        items: Sequence[ImageInput],
+        merge_size: int = 1,
+        *,
+        video_merge_size: int = VIDEO_MERGE_SIZE,
+        pin_memory: bool = False,
+    ) -> ProcessorOutput:
+        """Preprocess unrelated images, clips and videos in one packed output, each sized on its own.
 
         Items are PIL images, paths, or uint8 ``[H, W, 3]`` (``[T, H, W, 3]`` for a clip) numpy arrays
-        or torch tensors; item ``i`` is grid row ``i``.
+        or torch tensors, each one grid row at ``merge_size``; and videos (a :class:`~penguin_vl.video.Video`
+        or a video file's path), each as the reference's video path makes it: one grid row per frame,
+        sized from its first frame with the TRA budget split of its frame types, at ``video_merge_size``.
         """
         merge = _positive_int(merge_size, "merge_size")
-        if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)) or not items:
-            raise ValueError("items must be a non-empty sequence of images")
-        loaded = [_item(v, f"items[{i}]", allow_clip=True, parity=False) for i, v in enumerate(items)]
-        factor = self.patch_size * merge
-        sizes = [target_sizes(it.height, it.width, [0], factor, self.min_tokens, self.max_tokens)[0] for it in loaded]
-        return self._pack(loaded, sizes, merge, pin_memory)
+        video_merge = _positive_int(video_merge_size, "video_merge_size")
+        if isinstance(items, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, Video)) or not items:
+            raise ValueError("items must be a non-empty sequence of images or videos")
+        loaded: list[_Item] = []
+        sizes: list[tuple[int, int]] = []
+        merges: list[int] = []
+        for i, value in enumerate(items):
+            video = _video(value)
+            if video is None:
+                item = _item(value, f"items[{i}]", allow_clip=True, parity=False)
+                factor = self.patch_size * merge
+                sizes.append(target_sizes(item.height, item.width, [0], factor, self.min_tokens, self.max_tokens)[0])
+                loaded.append(item)
+                merges.append(merge)
+                continue
+            frames = [_array_item(f, f"items[{i}] frame {t}", False, False) for t, f in enumerate(video.frames)]
+            types = self._frame_types(video.frame_types, len(frames))
+            factor = self.patch_size * video_merge
+            sizes += target_sizes(frames[0].height, frames[0].width, types, factor, self.min_tokens, self.max_tokens)
+            loaded += frames
+            merges += [video_merge] * len(frames)
+        return self._pack(loaded, sizes, merges, pin_memory)
 
     @staticmethod
     def _frame_types(frame_types: Any, count: int) -> list[int]:
@@ -433,7 +485,9 @@ class ImageProcessor:
             raise ValueError(f"frame_types must hold one 0 (key) or 1 (intermediate) per item ({count}), got {values}")
         return values
 
-    def _pack(self, items: list[_Item], sizes: list[tuple[int, int]], merge: int, pin_memory: bool) -> ProcessorOutput:
+    def _pack(
+        self, items: list[_Item], sizes: list[tuple[int, int]], merges: list[int], pin_memory: bool
+    ) -> ProcessorOutput:
         p = self.patch_size
         grids = [(it.frames, h // p, w // p) for it, (h, w) in zip(items, sizes, strict=True)]
         rows = [t * gh * gw for t, gh, gw in grids]
@@ -448,10 +502,10 @@ class ImageProcessor:
             # call, and with 4 KiB pages their first-touch faults cost ~25 ms per 36 MB on the development VM.
             pixel_values = torch.from_numpy(np.empty(shape, dtype=np.float32))
         starts = np.cumsum([0, *rows]).tolist()
-        jobs = [(it, size, starts[i]) for i, (it, size) in enumerate(zip(items, sizes, strict=True))]
+        jobs = [(it, size, starts[i], m) for i, (it, size, m) in enumerate(zip(items, sizes, merges, strict=True))]
 
-        def write(job: tuple[_Item, tuple[int, int], int]) -> None:
-            self._write(*job, merge, pixel_values)
+        def write(job: tuple[_Item, tuple[int, int], int, int]) -> None:
+            self._write(*job, pixel_values)
 
         if self.num_threads > 1 and len(jobs) > 1:
             try:
@@ -465,7 +519,7 @@ class ImageProcessor:
         return ProcessorOutput(
             pixel_values,
             torch.tensor(grids, dtype=torch.int64).view(-1, 3),
-            torch.full((len(items),), merge, dtype=torch.int64),
+            torch.tensor(merges, dtype=torch.int64),
         )
 
     def _write(self, item: _Item, size: tuple[int, int], start: int, merge: int, out: torch.Tensor) -> None:

@@ -137,7 +137,7 @@ def test_metadata(data, ckpt):
     assert settings == {
         "merge_size": 2, "clip_merge_size": 2, "min_tokens": 20, "max_tokens": 16384, "batch_tokens": 999,
         "patch_size": 14, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255,
-        "normalize": True,
+        "normalize": True, "video_sampling": {"fps": 1.0, "max_frames": 180, "start": None, "end": None},
     }  # fmt: skip
     assert json.loads(meta["failed"]) == {}
     assert tensors["data/a.png.merge"].tolist() == [2]
@@ -479,9 +479,9 @@ def test_patterns_skip_what_is_not_an_input(data):
     names = [i.name for i in enc.collect_inputs(["data/*"])]
     assert "data/notes.txt" not in names and "data/a.png" in names and "data/sub/c9.png" in names
     assert [i.name for i in enc.collect_inputs(["data/notes.txt"])] == ["data/notes.txt"]
-    with pytest.raises(enc.InputError, match="no image files or .npy clips matched"):
+    with pytest.raises(enc.InputError, match="no image files, videos or .npy clips matched"):
         enc.collect_inputs(["data/*.txt"])
-    with pytest.raises(enc.InputError, match="no image files or .npy clips matched"):
+    with pytest.raises(enc.InputError, match="no image files, videos or .npy clips matched"):
         enc.collect_inputs(["data/empt*"])
 
 

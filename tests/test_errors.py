@@ -138,7 +138,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.updates: list[float] = []
 
-    def update(self, items: float, tokens: int, failed: int = 0) -> None:
+    def update(self, items: float, tokens: int, failed: int = 0, frames: int = 0) -> None:
         self.updates.append(items)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Feature extraction at scale: image files and clips in, safetensors features out (``penguin-vl encode``).
+"""Feature extraction at scale: image files, clips and videos in, safetensors features out (``penguin-vl encode``).
 
 One job per module:
 
@@ -28,7 +28,7 @@ from penguin_vl.encode.checkpoints import (
     resolve_model,
 )
 from penguin_vl.encode.files import OutputError
-from penguin_vl.encode.inputs import Input, InputError, collect_inputs, read, shard
+from penguin_vl.encode.inputs import Input, InputError, VideoOptions, collect_inputs, read, shard
 from penguin_vl.encode.pipeline import Prepared, Summary, encode, prepare
 from penguin_vl.encode.progress import Progress
 from penguin_vl.encode.sinks import (
@@ -69,6 +69,7 @@ __all__ = [
     "RunInfo",
     "Sink",
     "Summary",
+    "VideoOptions",
     "collect_inputs",
     "encode",
     "files_fingerprint",

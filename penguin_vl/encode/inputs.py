@@ -1,5 +1,5 @@
-"""Inputs of a feature-extraction run: what the command line names (files, directories, globs, clips),
-expanded into a deterministic list, shared among ranks, and read into pixels.
+"""Inputs of a feature-extraction run: what the command line names (files, directories, globs, clips,
+videos), expanded into a deterministic list, shared among ranks, and read into pixels.
 
 An input kind is found by :func:`collect_inputs` and read by :func:`read`; both know every kind.
 """
@@ -17,10 +17,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLIP_SUFFIX", "IMAGE_SUFFIXES", "Input", "InputError", "collect_inputs", "read", "shard"]
+from penguin_vl.video import VIDEO_SUFFIXES, Video, check_sampling, load_video
+
+__all__ = [
+    "CLIP_SUFFIX",
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+    "Input",
+    "InputError",
+    "RELEASED_SAMPLING",
+    "VideoOptions",
+    "collect_inputs",
+    "read",
+    "shard",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CLIP_SUFFIX = ".npy"
+_INPUT_SUFFIXES = (*IMAGE_SUFFIXES, CLIP_SUFFIX, *VIDEO_SUFFIXES)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -30,8 +44,9 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Input:
-    """One item to encode. ``kind``: ``"image"`` (a file), ``"frames"`` (a directory of frames, one clip)
-    or ``"array"`` (a ``.npy`` clip, uint8 ``[T, H, W, C]``)."""
+    """One item to encode. ``kind``: ``"image"`` (a file), ``"frames"`` (a directory of frames, one clip),
+    ``"array"`` (a ``.npy`` clip, uint8 ``[T, H, W, C]``) or ``"video"`` (a video file, sampled as the
+    reference samples it: :func:`penguin_vl.video.load_video`)."""
 
     name: str
     kind: str
@@ -63,9 +78,7 @@ def _name(path: Path) -> str:
 
 def _files_under(root: Path) -> list[Path]:
     found = [
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, CLIP_SUFFIX) and not _is_hidden(p, root)
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _INPUT_SUFFIXES and not _is_hidden(p, root)
     ]
     return sorted(found, key=_natural_key)
 
@@ -84,7 +97,8 @@ def _expand(arg: str) -> tuple[list[Path], bool]:
 
 
 def _file_input(path: Path) -> Input:
-    kind = "array" if path.suffix.lower() == CLIP_SUFFIX else "image"
+    suffix = path.suffix.lower()
+    kind = "array" if suffix == CLIP_SUFFIX else "video" if suffix in VIDEO_SUFFIXES else "image"
     return Input(_name(path), kind, path)
 
 
@@ -107,8 +121,9 @@ def _clip_input(path: Path, arg: str) -> Input:
 def collect_inputs(paths: Sequence[str], clips: Sequence[str] = ()) -> list[Input]:
     """Expand the input arguments into a deterministic list of inputs.
 
-    ``paths``: image files (any format Pillow reads), ``.npy`` clips, directories (searched recursively
-    for image files and ``.npy`` clips, hidden entries skipped) and glob patterns (``**`` recurses).
+    ``paths``: image files (any format Pillow reads), video files (any the bundled FFmpeg decodes, by
+    suffix: :data:`VIDEO_SUFFIXES`), ``.npy`` clips, directories (searched recursively for all three,
+    hidden entries skipped) and glob patterns (``**`` recurses).
     ``clips``: directories (or patterns matching directories) whose image files, in natural order, are the
     frames of one clip. An input's name is its path as given, normalised (``./a//b.png`` -> ``a/b.png``);
     files inside a directory are named by the directory's name joined with their relative path. Order:
@@ -124,12 +139,13 @@ def collect_inputs(paths: Sequence[str], clips: Sequence[str] = ()) -> list[Inpu
             f
             for path in matches
             for f in (_files_under(path) if path.is_dir() else [path])
-            if not pattern or path.is_dir() or f.suffix.lower() in (*IMAGE_SUFFIXES, CLIP_SUFFIX)
+            if not pattern or path.is_dir() or f.suffix.lower() in _INPUT_SUFFIXES
         ]
         if not files:
             raise InputError(
-                f"input {arg!r}: no image files or {CLIP_SUFFIX} clips {'matched' if pattern else 'under'} "
-                f"{arg if pattern else matches[0]} (images: {', '.join(IMAGE_SUFFIXES)}; a directory of "
+                f"input {arg!r}: no image files, videos or {CLIP_SUFFIX} clips {'matched' if pattern else 'under'} "
+                f"{arg if pattern else matches[0]} (images: {', '.join(IMAGE_SUFFIXES)}; videos: "
+                f"{', '.join(VIDEO_SUFFIXES)}; a directory of "
                 "frames is one clip with --clip)"
             )
         found.extend(_file_input(f) for f in files)
@@ -153,8 +169,27 @@ def shard(inputs: Sequence[Input], rank: int, world_size: int) -> list[Input]:
     return list(inputs[rank::world_size])
 
 
-def read(inp: Input) -> list[Image.Image] | list[np.ndarray]:
-    """The pixels of an input as the processor takes them: a list of one image, or the frames of a clip."""
+@dataclass(frozen=True)
+class VideoOptions:
+    """How video files are sampled (:func:`penguin_vl.video.load_video`'s arguments; released: fps 1, 180 frames)."""
+
+    fps: float = 1.0
+    max_frames: int = 180
+    start: float | None = None
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(self.fps, self.max_frames, self.start, self.end)
+
+
+RELEASED_SAMPLING = VideoOptions()
+
+
+def read(inp: Input, video: VideoOptions = RELEASED_SAMPLING) -> list[Image.Image] | list[np.ndarray] | Video:
+    """The pixels of an input as the processor takes them: a list of one image, the frames of a clip, or
+    a video (its frames, timestamps and frame types)."""
+    if inp.kind == "video":
+        return load_video(inp.path, fps=video.fps, max_frames=video.max_frames, start=video.start, end=video.end)
     if inp.kind == "image":
         return [_open_image(inp.path)]
     if inp.kind == "frames":

@@ -28,18 +28,20 @@ from typing import Any
 
 import torch
 
-from penguin_vl.encode.inputs import Input, read
+from penguin_vl.encode.inputs import RELEASED_SAMPLING, Input, VideoOptions, read
 from penguin_vl.encode.progress import Progress
 from penguin_vl.encode.sinks import Sink, source_stamp
 from penguin_vl.model import PenguinEncoder
 from penguin_vl.processor import ImageProcessor, restore_default_torch_threads, torch_worker_pool
+from penguin_vl.video import Video
 
 __all__ = ["Prepared", "Summary", "encode", "prepare"]
 
 
 @dataclass
 class Prepared:
-    """One preprocessed input: its rows of the packed batch and its grid."""
+    """One preprocessed input: its rows of the packed batch and its grid; for a video, its frames'
+    timestamps (seconds, float64) and types (0 key, 1 intermediate, int32)."""
 
     name: str
     pixel_values: torch.Tensor  # [n, C*p*p] float32
@@ -47,6 +49,8 @@ class Prepared:
     merge_sizes: torch.Tensor  # [rows] int64
     seconds: float
     source: str = ""  # source_stamp of the files read
+    timestamps: torch.Tensor | None = None  # a video's: [frames] float64 seconds
+    frame_types: torch.Tensor | None = None  # a video's: [frames] int32, 0 key, 1 intermediate
 
     @property
     def frames(self) -> list[tuple[int, int, int]]:
@@ -85,14 +89,28 @@ class _Failure:
 _END = object()
 
 
-def prepare(inp: Input, processor: ImageProcessor, merge_size: int, clip_merge_size: int) -> Prepared:
+def prepare(
+    inp: Input,
+    processor: ImageProcessor,
+    merge_size: int,
+    clip_merge_size: int,
+    video: VideoOptions = RELEASED_SAMPLING,
+) -> Prepared:
     """Read and preprocess one input. An image is a list of one, so it is sized on its own; a clip is the
     list of its frames, sized together from the first with the token budget shared (the reference's video
-    path), one grid row per frame."""
+    path), one grid row per frame; a video file is decoded and sampled here (in the pool), then is a clip
+    whose frame types split the budget between key and intermediate frames."""
     start = time.perf_counter()
     source = source_stamp(inp)  # before reading: a file changed meanwhile is never taken for the one read
-    out = processor(read(inp), merge_size=clip_merge_size if inp.is_clip else merge_size)
-    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, time.perf_counter() - start, source)
+    pixels = read(inp, video)
+    timestamps = types = None
+    if isinstance(pixels, Video):
+        out = processor(list(pixels.frames), merge_size=clip_merge_size, frame_types=pixels.frame_types)
+        timestamps, types = torch.from_numpy(pixels.timestamps), torch.from_numpy(pixels.frame_types)
+    else:
+        out = processor(pixels, merge_size=clip_merge_size if inp.is_clip else merge_size)
+    seconds = time.perf_counter() - start
+    return Prepared(inp.name, out.pixel_values, out.grid_sizes, out.merge_sizes, seconds, source, timestamps, types)
 
 
 def _prepared_in_order(
@@ -150,6 +168,7 @@ class Summary:
     encoder, ``input_wait`` is the time the encoder loop waited for a packed batch."""
 
     items: int = 0
+    frames: int = 0
     tokens: int = 0
     out_tokens: int = 0
     batches: int = 0
@@ -172,6 +191,7 @@ def encode(
     batch_tokens: int = 16384,
     merge_size: int = 1,
     clip_merge_size: int = 2,
+    video: VideoOptions = RELEASED_SAMPLING,
     project: bool = False,
     workers: int = 4,
     progress: Progress | None = None,
@@ -181,7 +201,8 @@ def encode(
     ``metadata`` (see :func:`run_metadata`) is written into every output file, with ``inputs`` (the names
     encoded, in order) and ``failed`` (name -> reason) added as JSON. If this raises, neither the single file
     nor an index is written; a :class:`DirSink` keeps the per-input files it completed. Without a single
-    input encoded, a run of one rank writes nothing.
+    input encoded, a run of one rank writes nothing. ``video``: how video files are sampled; their frames'
+    timestamps and types go to the sink beside the features.
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -196,7 +217,7 @@ def encode(
     ready: queue.Queue = queue.Queue(maxsize=2)
 
     def fn(inp: Input) -> Prepared:
-        return prepare(inp, processor, merge_size, clip_merge_size)
+        return prepare(inp, processor, merge_size, clip_merge_size, video)
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -219,13 +240,15 @@ def encode(
 
     def write(p: Prepared, feats: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes, source=p.source)
+        extra = {} if p.timestamps is None else {"timestamps": p.timestamps, "frame_types": p.frame_types}
+        sink.add(p.name, feats.clone(), p.grid_sizes, p.merge_sizes, source=p.source, **extra)
         summary.encoded.append(p.name)
         summary.out_tokens += feats.shape[0]
         summary.write += time.perf_counter() - t0
 
     def account(batch: _Batch) -> None:
         summary.items += len(batch.items)
+        summary.frames += sum(len(p.frames) for p in batch.items)
         summary.tokens += batch.tokens
         summary.batches += 1
         summary.preprocess += sum(p.seconds for p in batch.items)
@@ -239,7 +262,7 @@ def encode(
             write(p, feats)
         account(batch)
         if progress is not None:
-            progress.update(len(batch.items), batch.tokens)
+            progress.update(len(batch.items), batch.tokens, frames=sum(len(p.frames) for p in batch.items))
 
     def run_by_frame(batch: _Batch) -> None:
         row = 0
@@ -255,7 +278,7 @@ def encode(
                 summary.encode += time.perf_counter() - t0
                 row += h * w
                 if progress is not None:  # k + 1 of the input's frames done, as an exact fraction of it
-                    progress.update((k + 1) / len(frames) - k / len(frames), h * w)
+                    progress.update((k + 1) / len(frames) - k / len(frames), h * w, frames=1)
             write(p, torch.cat(parts) if len(parts) > 1 else parts[0])
         account(batch)
 

@@ -27,7 +27,7 @@ class Progress:
     frames of a clip are encoded, so the bar and its time left move during a long clip."""
 
     def __init__(self, total: int, stream: TextIO | None, label: str = "", done: int = 0) -> None:
-        self.tokens = self.failed = 0
+        self.tokens = self.failed = self.frames = 0
         self.start = time.perf_counter()
         self.bar = _Bar(
             total=total,
@@ -42,12 +42,16 @@ class Progress:
             "{rate_fmt}{postfix}]",
         )
 
-    def update(self, items: float, tokens: int, failed: int = 0) -> None:
-        """``items`` more inputs done (a fraction for part of a clip), ``tokens`` more patches encoded."""
+    def update(self, items: float, tokens: int, failed: int = 0, frames: int = 0) -> None:
+        """``items`` more inputs done (a fraction for part of a clip), ``tokens`` more patches encoded,
+        ``frames`` more frames (an image is one)."""
         self.tokens += tokens
         self.failed += failed
+        self.frames += frames
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        postfix = f"{self.tokens / elapsed:,.0f} patches/s" + (f", {self.failed} failed" if self.failed else "")
+        # an image is one frame: the count says something only when clips or videos are in the run
+        shown = f", {self.frames:,} frames" if self.frames > self.bar.n else ""
+        postfix = f"{self.tokens / elapsed:,.0f} patches/s{shown}" + (f", {self.failed} failed" if self.failed else "")
         self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(items)
 

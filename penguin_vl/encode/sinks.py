@@ -103,8 +103,19 @@ class Sink(Protocol):
         """Before the run: keep the outputs already complete for this run; returns the names of their inputs."""
         ...
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor, source: str = "") -> None:
-        """One encoded input; ``source``: the :func:`source_stamp` of the files it was read from."""
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        source: str = "",
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
+        """One encoded input; ``source``: the :func:`source_stamp` of the files it was read from; a video's
+        frames also have ``timestamps`` (seconds) and ``frame_types`` (0 key, 1 intermediate)."""
         ...
 
     def commit(self, metadata: dict[str, str]) -> Path:
@@ -126,7 +137,9 @@ def index_path(out: Path, directory: bool) -> Path:
 
 class FileSink:
     """All features in one safetensors file, written once at the end: ``<name>.features`` [n, dim] in the
-    model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64."""
+    model's dtype, ``<name>.grid`` [rows, 3] int64 (t, h, w in patches), ``<name>.merge`` [rows] int64; for
+    a video also ``<name>.timestamps`` [frames] float64 (seconds) and ``<name>.frame_types`` [frames] int32
+    (0 key, 1 intermediate)."""
 
     def __init__(self, path: Path, rank: int = 0, world_size: int = 1, *, overwrite: bool = True) -> None:
         self.overwrite = overwrite
@@ -146,8 +159,18 @@ class FileSink:
     def begin(self, metadata: dict[str, str]) -> None:
         """Nothing to do: the one file is written at the end, with the final metadata."""
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor, source: str = "") -> None:
-        self.tensors.update(_stored(f"{name}.", features, grid, merge))
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        source: str = "",
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
+        self.tensors.update(_stored(f"{name}.", features, grid, merge, timestamps, frame_types))
 
     def commit(self, metadata: dict[str, str]) -> Path:
         atomic_write(self.path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata), replace=self.overwrite)
@@ -174,7 +197,8 @@ def _file_names(names: Sequence[str]) -> dict[str, str]:
 
 
 class DirSink:
-    """One safetensors file per input in a directory (tensors ``features``, ``grid``, ``merge``), each written
+    """One safetensors file per input in a directory (tensors ``features``, ``grid``, ``merge``, and for a
+    video ``timestamps`` and ``frame_types``), each written
     atomically as soon as its input is encoded, and at the end ``index.json`` mapping input names to files
     (a rank's ``index.rankRRRRR-of-WWWWW.json`` under torchrun). File names are derived from all the inputs
     of the run, so ranks never collide.
@@ -235,9 +259,19 @@ class DirSink:
         """Every per-input file carries the run's metadata."""
         self.metadata = dict(metadata)
 
-    def add(self, name: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor, source: str = "") -> None:
+    def add(
+        self,
+        name: str,
+        features: torch.Tensor,
+        grid: torch.Tensor,
+        merge: torch.Tensor,
+        source: str = "",
+        *,
+        timestamps: torch.Tensor | None = None,
+        frame_types: torch.Tensor | None = None,
+    ) -> None:
         file = self.files[name]
-        tensors = _stored("", features, grid, merge)
+        tensors = _stored("", features, grid, merge, timestamps, frame_types)
         metadata = {**self.metadata, "name": name, "source": source}
         atomic_write(self.dir / file, lambda tmp: save_file(tensors, tmp, metadata=metadata), replace=self.overwrite)
         self.written[name] = file
@@ -266,14 +300,20 @@ SAME_OUTPUT = (
 )
 
 
-def _stored(prefix: str, features: torch.Tensor, grid: torch.Tensor, merge: torch.Tensor) -> dict[str, torch.Tensor]:
+def _stored(
+    prefix: str,
+    features: torch.Tensor,
+    grid: torch.Tensor,
+    merge: torch.Tensor,
+    timestamps: torch.Tensor | None = None,
+    frame_types: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     # safetensors stores dense row-major tensors only; a strided view (e.g. a merge-size-3 interpolation's
     # output) is copied here rather than failing after the whole run
-    return {
-        f"{prefix}features": features.contiguous(),
-        f"{prefix}grid": grid.contiguous(),
-        f"{prefix}merge": merge.contiguous(),
-    }
+    tensors = {"features": features, "grid": grid, "merge": merge}
+    if timestamps is not None and frame_types is not None:
+        tensors |= {"timestamps": timestamps, "frame_types": frame_types}
+    return {f"{prefix}{key}": tensor.contiguous() for key, tensor in tensors.items()}
 
 
 def source_stamp(inp: Input) -> str:

@@ -1,0 +1,230 @@
+"""Key and intermediate frames (TRA) as the reference types them, each frame processed once.
+
+The reference (``extract_ki_frames``, SPEC section 8.4) resizes the kept frames with torch's
+antialiased bilinear interpolation to a multiple of 14 pixels, truncates them to uint8, converts
+them to HSV as OpenCV does for uint8 RGB, and cuts them into 14 x 14 patches of 588 values. Walking
+forward from frame 0 (a key frame), a frame whose share of similar patches with the last key frame
+is below 0.95 is the next key frame; a patch pair is similar when its cosine exceeds 0.7, and pairs
+where both patches are near black are left out.
+
+The reference converts and cuts the last key frame again at every comparison and holds every
+frame resized at once. Here each frame is resized, converted and cut once, as it arrives, and only
+the last key frame's normalised patches are kept: bounded memory, and the frames stream from the
+decoder. The float32 steps of the comparison (norm, the two divisions, the sum over the patch, the
+mean) are the reference's torch calls on tensors of the reference's shapes, so the float results,
+and with them the decisions, are the reference's. OpenCV's fixed-point RGB to HSV is reproduced in
+numpy (exact for all 2^24 colours; the tests check every one against OpenCV).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from penguin_vl.video import _compiled
+
+__all__ = ["KeyFrameTyper", "key_frame_size", "rgb_to_hsv"]
+
+PATCH = 14
+MIN_PIXELS = 10 * PATCH * PATCH
+MAX_PIXELS = 10240 * PATCH * PATCH
+MAX_ASPECT = 200
+PATCH_SIMILAR = 0.7  # cosine above which two patches count as similar
+FRAME_SIMILAR = 0.95  # share of similar patches below which a frame starts a new key frame
+_EPS = 1e-8
+_NEAR_BLACK = 0.01
+# how far the reference's float32 cosine can be from the exact one: 588 units in the last place
+# (2^-24 each) for its norms' sums, the same for its cosine's sum, a few for the divisions; twice that
+_DECIDED = 2 * 3 * 588 * 2.0**-24
+
+_HSV_SHIFT = 12
+_HALF = 1 << (_HSV_SHIFT - 1)
+
+
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # OpenCV's fixed-point reciprocals (saturate_cast rounds to nearest; no entry is a tie), and the
+    # same arithmetic folded into lookups for numpy: S by (V, max - min), H by (hue numerator + 255,
+    # max - min), wrapped to 0..179
+    i = np.arange(1, 256)
+    sdiv = np.concatenate([[0], np.round((255 << _HSV_SHIFT) / i)]).astype(np.int64)
+    hdiv = np.concatenate([[0], np.round((180 << _HSV_SHIFT) / (6 * i))]).astype(np.int64)
+    diff = np.arange(256)
+    s = (diff[None, :] * sdiv[:, None] + _HALF) >> _HSV_SHIFT
+    h = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + _HALF) >> _HSV_SHIFT
+    h = np.where(h < 0, h + 180, h)
+    return sdiv.astype(np.int32), hdiv.astype(np.int32), s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
+
+
+_SDIV, _HDIV, _S_TABLE, _H_TABLE = _hsv_tables()
+
+
+def key_frame_size(height: int, width: int) -> tuple[int, int]:
+    """The reference's ``smart_resize(height, width, 14, 10 * 14**2, 10240 * 14**2)`` for key-frame typing."""
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"a {width}x{height} frame has an aspect ratio over {MAX_ASPECT}, which the reference refuses")
+    h = max(PATCH, round(height / PATCH) * PATCH)
+    w = max(PATCH, round(width / PATCH) * PATCH)
+    if h * w > MAX_PIXELS:
+        scale = math.sqrt(height * width / MAX_PIXELS)
+        h = math.floor(height / scale / PATCH) * PATCH
+        w = math.floor(width / scale / PATCH) * PATCH
+    elif h * w < MIN_PIXELS:
+        scale = math.sqrt(MIN_PIXELS / (height * width))
+        h = math.ceil(height * scale / PATCH) * PATCH
+        w = math.ceil(width * scale / PATCH) * PATCH
+    return max(h, PATCH), max(w, PATCH)
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """OpenCV's ``cvtColor(rgb, COLOR_RGB2HSV)`` for uint8 ``[..., 3]``: H in 0..179, S and V in 0..255."""
+    return np.stack(_hsv_planes(rgb[..., 0], rgb[..., 1], rgb[..., 2]), axis=-1)
+
+
+def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    v = np.maximum(np.maximum(r, g), b)
+    diff = (v - np.minimum(np.minimum(r, g), b)).astype(np.int32)
+    s = _S_TABLE.take((v.astype(np.int32) << 8) | diff)
+    r, g, b = r.astype(np.int32), g.astype(np.int32), b.astype(np.int32)
+    # OpenCV's hue numerator by the channel holding the maximum (red wins ties, then green)
+    numerator = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = _H_TABLE.take(((numerator + 255) << 8) | diff)
+    return h, s, v
+
+
+def _resize_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's antialiased bilinear weights for one axis, read off by resizing the identity (exact: each
+    output of an impulse is one weight times one): first tap, tap count, zero-padded weights per output."""
+    eye = torch.eye(size_in)[None, None]
+    weights = F.interpolate(eye, (size_in, size_out), mode="bilinear", antialias=True)[0, 0].T.numpy()
+    nonzero = weights != 0
+    first = nonzero.argmax(axis=1)
+    count = size_in - nonzero[:, ::-1].argmax(axis=1) - first
+    taps = int(count.max())
+    padded = np.zeros((size_out, taps), dtype=np.float32)
+    for j, (f, c) in enumerate(zip(first.tolist(), count.tolist(), strict=True)):
+        padded[j, :c] = weights[j, f : f + c]
+    return first.astype(np.int32), count.astype(np.int32), padded
+
+
+def _pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+class KeyFrameTyper:
+    """Types frames of one size as they arrive: :meth:`add` returns 0 (key) or 1 (intermediate).
+
+    With the compiled kernel, similarities are decided from exact integer dot products of the HSV
+    patches: the reference's float32 cosine is within ``_DECIDED`` of the exact one (each of its ~four
+    roundings per term and its sums of 588 terms costs at most 588 units in the last place, 3.5e-5), so
+    a patch whose exact cosine is further than that from 0.7 is decided the same way; the few closer
+    ones are computed with the reference's torch ops on their rows (a row's norm and sum do not depend
+    on the rows beside it). Without the kernel, every patch takes the reference's torch ops.
+    """
+
+    def __init__(self, height: int, width: int):
+        self.size = key_frame_size(height, width)
+        rh, rw = self.size
+        self._grid = (rh // PATCH, rw // PATCH)
+        self._key: torch.Tensor | None = None  # last key frame: unit patches (torch path) or uint8 patches
+        self._key_dark: torch.Tensor | np.ndarray | None = None  # its all-black patches
+        self._key_squares: np.ndarray | None = None  # its squared norms (compiled path)
+        self._product: torch.Tensor | None = None
+        self._lib = _compiled.library()
+        if self._lib is not None:
+            self._h = _resize_taps(width, rw)
+            self._v = _resize_taps(height, rh)
+            self._work = np.empty(height * rw + 8 * (width + rw), dtype=np.float32)
+            self._rgb = np.empty((3, rh, rw), dtype=np.uint8)
+            # two patch buffers: one holds the key frame, the next frame is cut into the other
+            self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
+            self._cut = self._buffers[0]
+
+    def add(self, frame: np.ndarray) -> int:
+        """Type the next frame (uint8 ``[H, W, 3]``)."""
+        if self._lib is not None:
+            return self._add_exact_integers(frame)
+        patches = self._patches(frame)
+        norm = torch.norm(patches, p=2, dim=-1, keepdim=True) + _EPS
+        dark = norm.squeeze(-1) < _NEAR_BLACK
+        if self._key is None:
+            # the full-size products live in buffers kept across frames (no page faults per frame)
+            self._key, self._product = torch.empty_like(patches), torch.empty_like(patches)
+        else:
+            # (key / |key| * patch) / |patch|, the reference's order, op for op
+            cos = torch.mul(self._key, patches, out=self._product).div_(norm).sum(dim=-1)
+            kept = ~(self._key_dark & dark)
+            similar = (cos[kept] > PATCH_SIMILAR).float().mean().item()
+            if not similar < FRAME_SIMILAR:
+                return 1
+        torch.div(patches, norm, out=self._key)
+        self._key_dark = dark
+        return 0
+
+    def _add_exact_integers(self, frame: np.ndarray) -> int:
+        cut = self._hsv_patches(frame)
+        flat = cut.reshape(-1, cut.shape[-1])
+        squares = self._dots(flat, flat)
+        dark = squares == 0  # integer patches: a norm under 0.01 is a norm of 0
+        if self._key is None:
+            self._keep_key(cut, squares, dark)
+            return 0
+        key = self._key.reshape(-1, cut.shape[-1])
+        kept = ~(self._key_dark & dark)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = self._dots(key, flat) / np.sqrt(self._key_squares.astype(np.float64) * squares)
+        cos = np.nan_to_num(cos, nan=0.0)  # a black patch beside a lit one: the reference's cosine is 0
+        similar = cos > PATCH_SIMILAR
+        close = np.flatnonzero(kept & (np.abs(cos - PATCH_SIMILAR) < _DECIDED))
+        if len(close):
+            a = torch.from_numpy(key[close].astype(np.float32))
+            b = torch.from_numpy(flat[close].astype(np.float32))
+            a_norm = torch.norm(a, p=2, dim=-1, keepdim=True) + _EPS
+            b_norm = torch.norm(b, p=2, dim=-1, keepdim=True) + _EPS
+            similar[close] = ((a / a_norm * b / b_norm).sum(dim=-1) > PATCH_SIMILAR).numpy()
+        count, total = int(similar[kept].sum()), int(kept.sum())
+        # the reference's mean of `total` zeros and ones, as torch computes it (nan when there are none)
+        share = torch.zeros(total)
+        share[:count] = 1.0
+        if not share.mean().item() < FRAME_SIMILAR:
+            return 1
+        self._keep_key(cut, squares, dark)
+        return 0
+
+    def _keep_key(self, cut: np.ndarray, squares: np.ndarray, dark: np.ndarray) -> None:
+        self._key = cut
+        self._cut = self._buffers[1] if cut is self._buffers[0] else self._buffers[0]
+        self._key_squares, self._key_dark = squares, dark
+
+    def _dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(len(a), dtype=np.int32)
+        self._lib.penguin_patch_dots(_pointer(a), _pointer(b), len(a), a.shape[1], _pointer(out))
+        return out
+
+    def _hsv_patches(self, frame: np.ndarray) -> np.ndarray:
+        """The frame resized, in HSV, as uint8 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
+        h, w = self.size
+        frame = frame if frame.strides[1:] == (3, 1) else np.ascontiguousarray(frame)
+        (hf, hc, hw), (vf, vc, vw) = self._h, self._v
+        self._lib.penguin_keyframe_patches(
+            _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
+            _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
+            _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
+            _pointer(_SDIV), _pointer(_HDIV), PATCH, _pointer(self._work), _pointer(self._rgb),
+            _pointer(self._cut),
+        )  # fmt: skip
+        return self._cut
+
+    def _patches(self, frame: np.ndarray) -> torch.Tensor:
+        """The frame resized, in HSV, as float32 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
+        gh, gw = self._grid
+        if self._lib is not None:
+            return torch.from_numpy(self._hsv_patches(frame).astype(np.float32))
+        # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
+        chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
+        planes = F.interpolate(chw, self.size, mode="bilinear", antialias=True)[0].numpy().astype(np.uint8)
+        hsv = np.stack(_hsv_planes(*planes))
+        cut = hsv.reshape(3, gh, PATCH, gw, PATCH).transpose(1, 3, 0, 2, 4)
+        return torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32).reshape(gh, gw, 3 * PATCH * PATCH))
