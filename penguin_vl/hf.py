@@ -144,7 +144,9 @@ def _accelerated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ):
         return original(*args, **kwargs)
     template = state.template
-    template.backend = resolve_backend(state.backend, self.embeddings.patch_embedding.weight.device)
+    template.backend = resolve_backend(
+        state.backend, self.embeddings.patch_embedding.weight.device, template.config.head_dim
+    )
     template.gradient_checkpointing = bool(
         getattr(self, "gradient_checkpointing", False) or getattr(self.encoder, "gradient_checkpointing", False)
     )

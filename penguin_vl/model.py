@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 import penguin_kernels
 from penguin_kernels import reference
+from penguin_kernels.attention import SUPPORTED_HEAD_DIMS
 from penguin_kernels.device import interpreter_active
 from penguin_kernels.positions import check_grid_sizes
 from penguin_vl.config import PenguinEncoderConfig, ProjectorConfig
@@ -51,12 +52,22 @@ __all__ = ["PenguinEncoder", "PenguinProjector", "merge_tokens", "check_grid", "
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"triton"`` for a model on ``device``; ``"auto"`` is Triton on CUDA, else torch."""
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """``"torch"`` or ``"triton"`` for a model on ``device`` with attention heads of ``head_dim``.
+
+    ``"auto"`` is Triton on CUDA when the kernels take ``head_dim`` (64 or 128; the released encoder's is
+    128), else torch; ``"triton"`` with a head_dim the kernels do not take is an error.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    supported = head_dim is None or head_dim in SUPPORTED_HEAD_DIMS
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and supported else "torch"
+    if backend == "triton" and not supported:
+        raise ValueError(
+            f"backend='triton' runs attention heads of {SUPPORTED_HEAD_DIMS} dims; this model's are {head_dim} "
+            "(backend='torch' or 'auto' run it)"
+        )
     if backend == "triton" and device.type != "cuda" and not interpreter_active():
         raise ValueError(
             f"backend='triton' needs a CUDA model (this one is on {device}); set "
@@ -362,7 +373,7 @@ class PenguinEncoder(nn.Module):
 
     def set_backend(self, backend: str) -> PenguinEncoder:
         """Select the execution path (see :meth:`from_pretrained`); returns ``self``."""
-        self.backend = resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, self.device, self.config.head_dim)
         return self
 
     @property

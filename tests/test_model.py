@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import penguin_kernels
 from penguin_kernels import reference
 from penguin_vl import CheckpointError, PenguinEncoder, PenguinEncoderConfig, ProjectorConfig, save_encoder
-from penguin_vl.model import check_grid, merge_tokens, packing
+from penguin_vl.model import check_grid, merge_tokens, packing, resolve_backend
 from tests.utils import assert_rel_close
 
 GOLDEN = Path(os.environ.get("PENGUIN_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
@@ -333,3 +333,13 @@ def test_reference_positions_check_their_hints():
     assert positions.shape == (52, 2) and cu.tolist() == [0, 24, 48, 52]
     with pytest.raises(ValueError, match="disagree"):
         reference.rope_positions(gs, ms, total_tokens=51, num_frames=3)
+
+
+def test_auto_backend_takes_the_kernels_only_for_head_dims_they_run():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, 128) == "triton"
+    assert resolve_backend("auto", cuda, 64) == "triton"
+    assert resolve_backend("auto", cuda, 16) == "torch"  # e.g. the tiny test checkpoints
+    assert resolve_backend("auto", cpu, 128) == "torch"
+    with pytest.raises(ValueError, match="heads of"):
+        resolve_backend("triton", cuda, 16)
