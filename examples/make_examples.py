@@ -1,4 +1,5 @@
-"""Draw the bundled example inputs: a bar chart, a text page, a landscape, and a short clip of frames.
+"""Draw the bundled example inputs: a bar chart, a text page, a landscape, a short clip of frames and
+a short video file.
 
 They are small on purpose (a few hundred 14 x 14 patches each) so that the quick start, a random
 encoder of the released dimensions on a laptop CPU, finishes in seconds. Run from anywhere:
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +95,30 @@ def clip_frames(n: int = 4, width: int = 140, height: int = 112) -> list[Image.I
     return frames
 
 
+def pan_video(path: Path, seconds: int = 4, rate: int = 12) -> None:
+    """The landscape panned left to right, the sun setting, then a cut to the chart: H.264 in MP4, so
+    that sampling at 1 fps keeps frames of both scenes and the cut starts a new key frame."""
+    scene = landscape(392, 168)
+    chart = bar_chart(224, 168)
+    n = seconds * rate
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 224, 168, "yuv420p"
+        stream.options = {"crf": "30"}
+        for i in range(n):
+            if i < 3 * n // 4:
+                x = round(i * (scene.width - 224) / (3 * n // 4))
+                img = scene.crop((x, 0, x + 224, 168))
+                ImageDraw.Draw(img).ellipse([150 - x // 4, 30 + i, 180 - x // 4, 60 + i], fill=(255, 200, 120))
+            else:
+                img = chart
+            frame = av.VideoFrame.from_ndarray(np.asarray(img.convert("RGB")), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 def main() -> None:
     bar_chart().save(HERE / "chart.png", optimize=True)
     text_page().save(HERE / "page.png", optimize=True)
@@ -99,6 +126,7 @@ def main() -> None:
     (HERE / "clip").mkdir(exist_ok=True)
     for i, frame in enumerate(clip_frames()):
         frame.save(HERE / "clip" / f"frame_{i:03d}.png", optimize=True)
+    pan_video(HERE / "pan.mp4")
 
 
 if __name__ == "__main__":

@@ -544,3 +544,25 @@ def test_out_dir_long_names_fit_the_file_system(data, ckpt):
     files = json.loads(Path("feats/index.json").read_text())["inputs"]
     assert len(files) == 2 and len(set(files.values())) == 2
     assert all(len(f.encode()) <= 255 and (Path("feats") / f).is_file() for f in files.values())
+
+
+def test_readme_quick_start_inputs(ckpt, tmp_path):
+    """The README's first command, on the tiny checkpoint: the bundled images and the bundled video."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "penguin-vl encode" in line)
+    words = command.split("penguin-vl encode", 1)[1].split()
+    inputs = words[: words.index("--model")]
+    assert "examples/pan.mp4" in inputs
+    paths = sorted(str(p) for pattern in inputs for p in REPO.glob(pattern))
+    out = tmp_path / "features.safetensors"
+    assert main(["encode", *paths, "--model", str(ckpt), "--out", str(out), "-q"]) == 0
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+        video = str(REPO / "examples" / "pan.mp4")
+        timestamps = f.get_tensor(f"{video}.timestamps")
+        frame_types = f.get_tensor(f"{video}.frame_types")
+        grid = f.get_tensor(f"{video}.grid")
+    assert {f"{p}.features" for p in paths} <= keys
+    assert timestamps.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert frame_types.tolist()[0] == 0 and 1 in frame_types.tolist()  # a key frame first, repeats typed 1
+    assert int(grid[..., 0].sum()) == 4
