@@ -50,7 +50,6 @@ graph capturable) and trusts ``cu_seqlens`` and ``max_seqlen``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -67,9 +66,10 @@ from penguin_kernels._checks import (
     signature,
     traceable,
 )
+from penguin_kernels.attention_configs import AttentionConfig, heads_per_tile, select_config
 from penguin_kernels.block_table import FIELDS, fill_block_table, table_rows
 from penguin_kernels.compile_case import CompileCase
-from penguin_kernels.device import DTYPES, Device, describe_arch, device_info
+from penguin_kernels.device import DTYPES, describe_arch, device_info
 
 __all__ = ["AttentionConfig", "varlen_attention", "varlen_attention_op", "select_config", "compile_cases"]
 
@@ -221,67 +221,6 @@ def _varlen_attn_fwd_kernel(
     tl.store(p_lse, (m_i + tl.math.log2(l_i)) * _LN2, mask=m_r)
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Tile shape and launch parameters of one shipped configuration.
-
-    ``max_pack`` caps the query heads packed into one tile (at least 16 tokens per tile on the GPU);
-    ``head_chunk`` splits ``q k^T`` into dots over that many columns (0: one dot over head_dim).
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    max_pack: int
-    head_chunk: int = 0
-
-
-_C = AttentionConfig
-# (tile set, head_dim, short) -> config. Tile set 90 (``Device.tile_arch``): sm_90 and sm_100, 227 KB
-# of shared memory per block, wgmma on sm_90; 80: every other CUDA device (99 KB on sm_86/89/120 is
-# enough for these). "short": every segment is one 64-key block at most, where 128 x 128 tiles would
-# compute half-empty blocks.
-# All of them compile to 0 bytes of spill on sm_90 and sm_80 (see compile_cases).
-_CONFIGS = {
-    (90, 128, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=2, max_pack=8),
-    (90, 64, False): _C(block_m=128, block_n=128, num_warps=8, num_stages=3, max_pack=8),
-    (90, 128, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
-    (90, 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
-    (80, 128, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=2, max_pack=8),
-    (80, 64, False): _C(block_m=128, block_n=64, num_warps=8, num_stages=3, max_pack=8),
-    (80, 128, True): _C(block_m=64, block_n=64, num_warps=8, num_stages=2, max_pack=4),
-    (80, 64, True): _C(block_m=64, block_n=64, num_warps=4, num_stages=2, max_pack=4),
-}
-# float32 runs IEEE dots on CUDA cores, for parity runs rather than speed. Triton's FMA dot keeps
-# whole rows of its operands in each thread: one dot over head_dim 128 spills at any tile size, so
-# q k^T is split into head_chunk-column dots. 16 is triton 3.6's smallest dot K; at 16, hd 64 spills
-# on sm_80 (triton 3.9), and at 32 hd 128 does: hence a chunk per head dim.
-_FP32_CONFIGS = {
-    64: _C(block_m=64, block_n=16, num_warps=8, num_stages=1, max_pack=4, head_chunk=32),
-    128: _C(block_m=64, block_n=16, num_warps=8, num_stages=1, max_pack=4, head_chunk=16),
-}
-# Interpreter: small tiles keep the CPU tests fast yet cover several key blocks, a tail and packing;
-# float32 there runs the chunked path that float32 takes on a GPU.
-_INTERPRETER_CONFIG = _C(block_m=32, block_n=16, num_warps=4, num_stages=1, max_pack=8)
-_INTERPRETER_FP32_CONFIG = _C(block_m=32, block_n=16, num_warps=4, num_stages=1, max_pack=8, head_chunk=32)
-_SHORT_SEQLEN = 64
-
-
-def _pack(group: int, cfg: AttentionConfig) -> int:
-    """Query heads per tile: the largest power of two dividing ``group``, at most ``cfg.max_pack``."""
-    return min(group & -group, cfg.max_pack)
-
-
-def select_config(device: Device, dtype: torch.dtype, head_dim: int, max_seqlen: int) -> AttentionConfig:
-    """The shipped configuration for ``device`` (see :func:`penguin_kernels.device.device_info`)."""
-    if device.tile_arch is None:
-        return _INTERPRETER_FP32_CONFIG if dtype == torch.float32 else _INTERPRETER_CONFIG
-    if dtype == torch.float32:
-        return _FP32_CONFIGS[head_dim]
-    return _CONFIGS[device.tile_arch, head_dim, max_seqlen <= _SHORT_SEQLEN]
-
-
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     """Metadata checks only: no host sync."""
     check_float(q, "q")
@@ -360,7 +299,7 @@ def _build_launch(
     group = h // k.shape[1]
     n_seg = cu_seqlens.numel() - 1
     cfg = config or select_config(device_info(q.device), q.dtype, hd, max_seqlen)
-    pack = _pack(group, cfg)
+    pack = heads_per_tile(group, cfg)
     tokens = cfg.block_m // pack
     n_plan = table_rows(n, n_seg, max_seqlen, tokens)
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
@@ -595,7 +534,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                     "HEAD_DIM": hd,
                     "HEAD_CHUNK": cfg.head_chunk or hd,
                     "GROUP": group,
-                    "PACK": _pack(group, cfg),
+                    "PACK": heads_per_tile(group, cfg),
                     "BLOCK_M": cfg.block_m,
                     "BLOCK_N": cfg.block_n,
                     "DOT_PRECISION": dot_precision(dtype),

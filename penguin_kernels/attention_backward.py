@@ -43,7 +43,6 @@ Design:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,8 +57,9 @@ from penguin_kernels.attention import (
     _scores,
     _varlen_attention_op,
 )
+from penguin_kernels.attention_configs import heads_per_tile, select_backward_configs
 from penguin_kernels.block_table import FIELDS, fill_block_table, table_rows
-from penguin_kernels.device import Device, describe_arch, device_info
+from penguin_kernels.device import describe_arch, device_info
 
 if TYPE_CHECKING:
     from penguin_kernels.compile_case import CompileCase
@@ -318,63 +318,6 @@ def _dq_kernel(
     tl.store(p_dq, (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_r[:, None])
 
 
-@dataclass(frozen=True)
-class BackwardConfig:
-    """One kernel's tiles: ``block_m`` query rows (token, head) pairs, ``block_n`` keys.
-
-    ``head_chunk`` (dq kernel only) splits ``q k^T`` and ``dO v^T`` into dots over that many
-    columns (0: one dot over head_dim).
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    max_pack: int
-    head_chunk: int = 0
-
-
-_C = BackwardConfig
-# (tile_arch, head_dim) -> (dk/dv config, dq config), 16-bit inputs. Register and shared-memory
-# figures from compile_cases on sm_90 / sm_80 (triton 3.9); none of the 16-bit configs spills. The
-# dk/dv kernel keeps two float32 [BLOCK_N, hd] accumulators and its K and V tiles resident, so at
-# head_dim 128 on sm_90 it takes 32-row query tiles under 128 keys (245 registers, 114 KB with 3
-# stages); 64-row query tiles spilled (255 registers, ~15 spilled words). The dq kernel holds one
-# accumulator and its q and dO tiles: 128 x 64, 8 warps (203 registers at head_dim 128). On sm_80
-# (mma.sync, at most 99 KB of shared memory on sm_86/89) 64-key dq tiles spilled at head_dim 128
-# (~140 words at 4 or 8 warps); 128 x 32 does not (255 registers, 80 KB).
-_CONFIGS = {
-    (90, 128): (_C(32, 128, 8, 3, 8), _C(128, 64, 8, 2, 8)),
-    (90, 64): (_C(64, 128, 8, 3, 8), _C(128, 64, 8, 3, 8)),
-    (80, 128): (_C(64, 64, 8, 2, 8), _C(128, 32, 8, 2, 8)),
-    (80, 64): (_C(64, 64, 8, 3, 8), _C(64, 64, 4, 3, 4)),
-}
-# float32 (parity runs) takes IEEE dots on CUDA cores, whose dots hold whole operand rows per thread:
-# the dq kernel's q k^T and dO v^T over head_dim spilled (~3 KB of local traffic per key block at
-# 16 x 16) until split into 16-column chunks, as in the forward (32-wide chunks still spilled at 64).
-_FP32_CONFIGS = {
-    64: (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8, head_chunk=16)),
-    128: (_C(16, 16, 4, 1, 8), _C(16, 16, 4, 1, 8, head_chunk=16)),
-}
-# Interpreter: small tiles cover several query and key blocks, tails and head packing in CPU tests.
-_INTERPRETER_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8))
-# float32 there runs the chunked dq path that float32 takes on a GPU.
-_INTERPRETER_FP32_CONFIG = (_C(32, 16, 4, 1, 8), _C(32, 16, 4, 1, 8, head_chunk=32))
-
-
-def select_configs(device: Device, dtype: torch.dtype, head_dim: int) -> tuple[BackwardConfig, BackwardConfig]:
-    """``(dk/dv config, dq config)`` for ``device`` (the tile set of its architecture, or the interpreter's)."""
-    if device.tile_arch is None:
-        return _INTERPRETER_FP32_CONFIG if dtype == torch.float32 else _INTERPRETER_CONFIG
-    if dtype == torch.float32:
-        return _FP32_CONFIGS[head_dim]
-    return _CONFIGS[device.tile_arch, head_dim]
-
-
-def _pack(group: int, cfg: BackwardConfig) -> int:
-    return min(group & -group, cfg.max_pack)
-
-
 def _plan(cu_seqlens: torch.Tensor, n: int, max_seqlen: int, tokens: int) -> torch.Tensor:
     """The forward's block table, ``tokens`` per block; bounded without reading ``cu_seqlens``."""
     rows = table_rows(n, cu_seqlens.numel() - 1, max_seqlen, tokens)
@@ -422,9 +365,9 @@ def _varlen_attention_backward_op(
     group = h // kv
     scale = hd**-0.5 if softmax_scale is None else softmax_scale
     precision = dot_precision(q.dtype)
-    cfg_kv, cfg_q = select_configs(device_info(q.device), q.dtype, hd)
+    cfg_kv, cfg_q = select_backward_configs(device_info(q.device), q.dtype, hd)
 
-    pack = _pack(group, cfg_kv)
+    pack = heads_per_tile(group, cfg_kv)
     plan = _plan(cu_seqlens, n, max_seqlen, cfg_kv.block_n)
     traceable(_dkdv_kernel)[(plan.shape[0], kv)](
         q,
@@ -461,7 +404,7 @@ def _varlen_attention_backward_op(
         num_stages=cfg_kv.num_stages,
     )
 
-    pack = _pack(group, cfg_q)
+    pack = heads_per_tile(group, cfg_q)
     plan = _plan(cu_seqlens, n, max_seqlen, cfg_q.block_m // pack)
     traceable(_dq_kernel)[(plan.shape[0], h // pack)](
         q,
@@ -560,7 +503,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
     shapes = [("bf16", hd, group) for hd in (64, 128) for group in (2, 8)] + [("fp32", hd, 2) for hd in (64, 128)]
     for name, hd, group in shapes:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-        cfg_kv, cfg_q = select_configs(device, dtype, hd)
+        cfg_kv, cfg_q = select_backward_configs(device, dtype, hd)
         for kernel, cfg, grads in ((_dkdv_kernel, cfg_kv, ("dk", "dv")), (_dq_kernel, cfg_q, ("dq",))):
             strides = tuple(f"stride_{t}{axis}" for t in tensors + grads for axis in "nh")
             signature = {t: f"*{name}" for t in tensors + grads}
@@ -575,7 +518,7 @@ def compile_cases(arch: int) -> list[CompileCase]:
                         "HEAD_DIM": hd,
                         **({"HEAD_CHUNK": cfg.head_chunk or hd} if kernel is _dq_kernel else {}),
                         "GROUP": group,
-                        "PACK": _pack(group, cfg),
+                        "PACK": heads_per_tile(group, cfg),
                         "BLOCK_M": cfg.block_m,
                         "BLOCK_N": cfg.block_n,
                         "DOT_PRECISION": dot_precision(dtype),
