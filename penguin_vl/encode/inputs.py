@@ -191,7 +191,11 @@ def read(inp: Input, video: VideoOptions = RELEASED_SAMPLING) -> list[Image.Imag
     if inp.kind == "video":
         return load_video(inp.path, fps=video.fps, max_frames=video.max_frames, start=video.start, end=video.end)
     if inp.kind == "image":
-        return [_open_image(inp.path)]
+        image = _open_image(inp.path)
+        if getattr(image, "n_frames", 1) > 1 and inp.path.suffix == ".gif":
+            # an animated GIF is a clip: read with the reference's rules for GIFs, like a video
+            return load_video(inp.path, fps=video.fps, max_frames=video.max_frames, start=video.start, end=video.end)
+        return [image]
     if inp.kind == "frames":
         return [_open_image(f) for f in inp.frames]
     return _load_array(inp.path)
