@@ -273,3 +273,23 @@ def test_bad_arguments_and_windows(tmp_path: Path, samples: dict[str, Path]) -> 
     (junk / "1.txt").write_text("not a picture")
     with pytest.raises(VideoError, match="1.txt"):
         load_video(junk, fps=3.0)
+
+
+def test_without_pyav_the_package_imports_and_video_files_say_why(samples: dict[str, Path]) -> None:
+    """Environments without PyAV (PyAV is a dependency, but a GPU image may lack it) still load the model,
+    the processor and GIFs; a video file then raises a VideoError naming the missing package."""
+    import subprocess
+    import sys
+
+    path = next(iter(samples.values()))
+    code = (
+        "import sys; sys.modules['av'] = None\n"
+        "import penguin_vl\n"
+        "from penguin_vl import VideoError, load_video\n"
+        "try:\n"
+        f"    load_video({str(path)!r})\n"
+        "except VideoError as e:\n"
+        "    print('VideoError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "VideoError:" in out and "PyAV" in out and path.name in out

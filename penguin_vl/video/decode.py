@@ -25,8 +25,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
-import av
 import numpy as np
+
+try:
+    import av
+except ImportError:  # a declared dependency; an environment without it reads GIFs and folders, not files
+    av = None
 
 from penguin_vl.video.timing import Timeline
 
@@ -66,6 +70,8 @@ def _printed(seconds: float) -> float:
 
 def open_source(path: str) -> Source:
     """Open ``path`` and pick the stream the command line would decode."""
+    if av is None:
+        raise VideoError(f"{path}: reading video files needs PyAV, which is not installed (pip install av)")
     try:
         with av.open(path) as container:
             videos = [s for s in container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
