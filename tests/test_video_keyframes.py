@@ -98,6 +98,19 @@ def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, heig
         assert torch.equal(compiled._patches(frame), fallback._patches(frame))
 
 
+def test_compiled_hsv_equals_numpy_for_every_colour() -> None:
+    # 1400 x 1400 frames keep their size (no resize), so the patches are the HSV of the pixels themselves
+    typer = KeyFrameTyper(1400, 1400)
+    if typer._lib is None:
+        pytest.skip("no C compiler: only the torch path runs here")
+    code = np.arange(9 * 1400 * 1400, dtype=np.uint32) % 2**24
+    frames = np.stack([code >> 16, (code >> 8) & 255, code & 255], axis=-1).astype(np.uint8).reshape(9, 1400, 1400, 3)
+    for frame in frames:
+        cut = typer._hsv_patches(frame).reshape(100, 100, 3, 14, 14)
+        planes = cut.transpose(2, 0, 3, 1, 4).reshape(3, 1400, 1400)
+        assert np.array_equal(planes, rgb_to_hsv(frame).transpose(2, 0, 1))
+
+
 def drifting_frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
     # grey replacing saturated blue block by block: patch cosines on both sides of 0.7
     rng = np.random.default_rng(seed)

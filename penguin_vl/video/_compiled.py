@@ -23,7 +23,7 @@ _library: ctypes.CDLL | None = None
 _tried = False
 
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-_ARGTYPES = [_P, _I64, _I32, _I32, _I32, _I32, _P, _P, _P, _I32, _P, _P, _P, _I32, _P, _P, _I32, _P, _P, _P]
+_ARGTYPES = [_P, _I64, _I32, _I32, _I32, _I32, _P, _P, _P, _I32, _P, _P, _P, _I32, _P, _P, _P]
 
 
 def _build() -> ctypes.CDLL:

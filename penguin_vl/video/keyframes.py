@@ -44,7 +44,7 @@ _HSV_SHIFT = 12
 _HALF = 1 << (_HSV_SHIFT - 1)
 
 
-def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _hsv_tables() -> tuple[np.ndarray, np.ndarray]:
     # OpenCV's fixed-point reciprocals (saturate_cast rounds to nearest; no entry is a tie), and the
     # same arithmetic folded into lookups for numpy: S by (V, max - min), H by (hue numerator + 255,
     # max - min), wrapped to 0..179
@@ -55,10 +55,10 @@ def _hsv_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     s = (diff[None, :] * sdiv[:, None] + _HALF) >> _HSV_SHIFT
     h = (np.arange(-255, 5 * 255 + 1)[:, None] * hdiv[None, :] + _HALF) >> _HSV_SHIFT
     h = np.where(h < 0, h + 180, h)
-    return sdiv.astype(np.int32), hdiv.astype(np.int32), s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
+    return s.astype(np.uint8).ravel(), h.astype(np.uint8).ravel()
 
 
-_SDIV, _HDIV, _S_TABLE, _H_TABLE = _hsv_tables()
+_S_TABLE, _H_TABLE = _hsv_tables()
 
 
 def key_frame_size(height: int, width: int) -> tuple[int, int]:
@@ -136,7 +136,7 @@ class KeyFrameTyper:
         if self._lib is not None:
             self._h = _resize_taps(width, rw)
             self._v = _resize_taps(height, rh)
-            self._work = np.empty(height * rw + 8 * (width + rw), dtype=np.float32)
+            self._work = np.empty(height * rw + 8 * (width + rw) + 3 * rw, dtype=np.float32)
             self._rgb = np.empty((3, rh, rw), dtype=np.uint8)
             # two patch buffers: one holds the key frame, the next frame is cut into the other
             self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
@@ -212,7 +212,7 @@ class KeyFrameTyper:
             _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
             _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
             _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
-            _pointer(_SDIV), _pointer(_HDIV), PATCH, _pointer(self._work), _pointer(self._rgb),
+            _pointer(self._work), _pointer(self._rgb),
             _pointer(self._cut),
         )  # fmt: skip
         return self._cut

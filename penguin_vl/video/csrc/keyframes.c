@@ -9,9 +9,11 @@
  * give torch's bits.
  * The weights come from torch itself (penguin_vl/video/keyframes.py), so they are its bits too.
  * The horizontal pass resamples eight rows at once (one per vector lane), the vertical pass sums
- * whole rows and the HSV conversion runs a row at a time with selects, so all three vectorise.
- * Measured on 608x342 frames (one core, minimum of 60): ~0.9 ms a frame, against ~1.9 ms with a
- * scalar HSV reading 400 KB of result tables and ~4.2 ms for torch's resize plus the numpy HSV.
+ * whole rows and the HSV conversion runs a row at a time with selects and computed reciprocals (no
+ * table lookups, which would be gathers), so all three vectorise.
+ * Measured on 608x342 frames (one core, minimum of 300): ~0.8 ms a frame, ~0.4 ms of it the
+ * horizontal pass; ~1.3 ms with OpenCV's reciprocal tables read in a scalar HSV loop, and ~4.2 ms
+ * for torch's resize plus the numpy HSV.
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,16 +37,54 @@ static void combine_rows(const float *src, int32_t n, int32_t out_rows, const in
     }
 }
 
+/* OpenCV's RGB -> HSV of one row, in three loops over int32 and float only (one loop mixing them
+ * with the bytes does not vectorise); value, diff and num: n int32 each of scratch. */
+static void hsv_row(const uint8_t *restrict rr, const uint8_t *restrict gr, const uint8_t *restrict br, int32_t n,
+                    int32_t *restrict value, int32_t *restrict diff, int32_t *restrict num, uint8_t *restrict hue,
+                    uint8_t *restrict sat, uint8_t *restrict val) {
+    for (int32_t x = 0; x < n; x++) {
+        const int32_t r = rr[x], g = gr[x], b = br[x];
+        int32_t v = r > g ? r : g, mn = r < g ? r : g;
+        v = v > b ? v : b;
+        mn = mn < b ? mn : b;
+        const int32_t d = v - mn;
+        /* the hue numerator by the channel holding the maximum (red wins ties, then green) */
+        const int32_t num_gb = v == g ? b - r + 2 * d : r - g + 4 * d;
+        value[x] = v;
+        diff[x] = d;
+        num[x] = v == r ? g - b : num_gb;
+    }
+    for (int32_t x = 0; x < n; x++) {
+        const int32_t v = value[x], d = diff[x];
+        /* OpenCV's reciprocals round((255 << 12) / v) and round((30 << 12) / d), computed rather than
+         * read from its tables so that the loop needs no gathers: float32 division rounded half up
+         * gives every one of the 255 entries of both (the tests check them all). A zero divisor comes
+         * with a zero numerator, so any finite reciprocal does for it. */
+        const int32_t s_div = (int32_t)((float)(255 << 12) / (float)(v | (v == 0)) + 0.5f);
+        const int32_t h_div = (int32_t)((float)(30 << 12) / (float)(d | (d == 0)) + 0.5f);
+        const int32_t h = (num[x] * h_div + (1 << 11)) >> 12;
+        num[x] = h + (h < 0 ? 180 : 0);
+        diff[x] = (d * s_div + (1 << 11)) >> 12;
+    }
+    for (int32_t x = 0; x < n; x++) {
+        hue[x] = (uint8_t)num[x];
+        sat[x] = (uint8_t)diff[x];
+        val[x] = (uint8_t)value[x];
+    }
+}
+
+/* the reference's patch side; a constant so that each piece's copy is a few moves, not a call */
+enum { PATCH = 14 };
+
 enum { LANES = 8 }; /* rows resampled together by the horizontal pass, one per vector lane */
 
 /* src: uint8 [height][width][3], rows `stride` bytes apart. work: height * out_w + LANES * (width + out_w)
- * floats; rgb: 3 * out_h * out_w bytes. patches: uint8 [out_h / patch][out_w / patch][3][patch][patch],
- * the HSV values (H 0..179, S, V) in the reference's patch order. sdiv, hdiv: OpenCV's fixed-point
- * reciprocal tables (256 entries each; small enough to stay in L1, unlike a table of results). */
+ * floats; rgb: 3 * out_h * out_w bytes. patches: uint8 [out_h / PATCH][out_w / PATCH][3][PATCH][PATCH],
+ * the HSV values (H 0..179, S, V) in the reference's patch order. */
 int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height, int32_t width, int32_t out_h,
                              int32_t out_w, const int32_t *h_first, const int32_t *h_count, const float *h_weights,
                              int32_t h_taps, const int32_t *v_first, const int32_t *v_count, const float *v_weights,
-                             int32_t v_taps, const int32_t *sdiv, const int32_t *hdiv, int32_t patch,
+                             int32_t v_taps,
                              float *work, uint8_t *rgb, uint8_t *patches) {
     const int64_t out_plane = (int64_t)out_h * out_w;
     float *mid = work;                             /* one channel after the horizontal pass: [height][out_w] */
@@ -92,29 +132,17 @@ int penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height,
             for (int32_t x = 0; x < out_w; x++) dst[(int64_t)i * out_w + x] = (uint8_t)(int32_t)r[x];
         }
     }
-    /* OpenCV's RGB -> HSV a row at a time (selects, no branches: the loop vectorises), then the row's
-     * pieces copied into the reference's patch order */
-    const int32_t grid_w = out_w / patch, area = patch * patch;
+    /* OpenCV's RGB -> HSV a row at a time, then the row's pieces copied into the reference's patch order */
+    const int32_t grid_w = out_w / PATCH, area = PATCH * PATCH;
     uint8_t *hsv = (uint8_t *)done; /* [3][out_w] */
+    int32_t *scratch_hsv = (int32_t *)(done + (int64_t)LANES * out_w);
     for (int32_t y = 0; y < out_h; y++) {
-        const uint8_t *rr = rgb + (int64_t)y * out_w, *gr = rr + out_plane, *br = gr + out_plane;
-        for (int32_t x = 0; x < out_w; x++) {
-            const int32_t r = rr[x], g = gr[x], b = br[x];
-            int32_t v = r > g ? r : g, mn = r < g ? r : g;
-            v = v > b ? v : b;
-            mn = mn < b ? mn : b;
-            const int32_t diff = v - mn;
-            /* the hue numerator by the channel holding the maximum (red wins ties, then green) */
-            const int32_t num = v == r ? g - b : (v == g ? b - r + 2 * diff : r - g + 4 * diff);
-            int32_t h = (num * hdiv[diff] + (1 << 11)) >> 12;
-            h += h < 0 ? 180 : 0;
-            hsv[x] = (uint8_t)h;
-            hsv[out_w + x] = (uint8_t)((diff * sdiv[v] + (1 << 11)) >> 12);
-            hsv[2 * out_w + x] = (uint8_t)v;
-        }
-        uint8_t *o = patches + ((int64_t)(y / patch) * grid_w) * 3 * area + (y % patch) * patch;
+        const uint8_t *rr = rgb + (int64_t)y * out_w;
+        hsv_row(rr, rr + out_plane, rr + 2 * out_plane, out_w, scratch_hsv, scratch_hsv + out_w, scratch_hsv + 2 * out_w,
+                hsv, hsv + out_w, hsv + 2 * out_w);
+        uint8_t *o = patches + ((int64_t)(y / PATCH) * grid_w) * 3 * area + (y % PATCH) * PATCH;
         for (int32_t px = 0; px < grid_w; px++, o += 3 * area)
-            for (int c = 0; c < 3; c++) memcpy(o + c * area, hsv + c * out_w + px * patch, patch);
+            for (int c = 0; c < 3; c++) memcpy(o + c * area, hsv + c * out_w + px * PATCH, PATCH);
     }
     return 0;
 }
