@@ -81,7 +81,8 @@ def test_similarity_threshold_edges_match_reference() -> None:
 
 
 @pytest.mark.parametrize(
-    ("height", "width"), [(342, 608), (72, 96), (70, 98), (70, 100), (72, 98), (55, 97), (1080, 1920), (13, 300)]
+    ("height", "width"),
+    [(342, 608), (480, 854), (72, 96), (70, 98), (70, 100), (72, 98), (55, 97), (1080, 1920), (13, 300), (9, 17)],
 )
 def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, height: int, width: int) -> None:
     compiled = KeyFrameTyper(height, width)

@@ -136,8 +136,8 @@ class KeyFrameTyper:
         if self._lib is not None:
             self._h = _resize_taps(width, rw)
             self._v = _resize_taps(height, rh)
-            self._work = np.empty(height * rw + 8 * (width + rw) + 3 * rw, dtype=np.float32)
-            self._rgb = np.empty((3, rh, rw), dtype=np.uint8)
+            self._work = np.empty(3 * (height * rw + 8 * (width + rw) + rw), dtype=np.float32)
+            self._rgb = np.empty((rh, rw, 3), dtype=np.uint8)
             # two patch buffers: one holds the key frame, the next frame is cut into the other
             self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
             self._cut = self._buffers[0]
