@@ -78,6 +78,7 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # the same packets with display matrices asking for a quarter turn clockwise and a half turn
     videos["rot90"] = with_rotation(videos["plain40"], d / "rot90.mp4", -90)
     videos["rot180"] = with_rotation(videos["plain40"], d / "rot180.mp4", 180)
+    videos["rot270"] = with_rotation(videos["plain40"], d / "rot270.mp4", 90)
     return videos
 
 
@@ -106,6 +107,7 @@ GENERATED = [
     ("mpeg4", {"fps": 3.0}),
     ("rot90", {"fps": 4.0}),
     ("rot180", {"fps": 4.0}),
+    ("rot270", {"fps": 4.0}),
 ]
 
 
@@ -118,7 +120,11 @@ def test_generated_videos_match_reference_path(samples: dict[str, Path], sample:
 def test_rotation_metadata_turns_frames(samples: dict[str, Path]) -> None:
     plain = load_video(samples["plain40"], fps=4.0).frames
     turned = load_video(samples["rot90"], fps=4.0).frames
-    assert np.array_equal(turned, np.rot90(plain, k=-1, axes=(1, 2)))
+    # the reference's sic: the upright frames' bytes read with the stored size
+    assert turned.shape == plain.shape and plain.shape[1] != plain.shape[2]
+    assert np.array_equal(turned, np.ascontiguousarray(np.rot90(plain, k=-1, axes=(1, 2))).reshape(plain.shape))
+    turned = load_video(samples["rot270"], fps=4.0).frames
+    assert np.array_equal(turned, np.ascontiguousarray(np.rot90(plain, k=1, axes=(1, 2))).reshape(plain.shape))
     upside = load_video(samples["rot180"], fps=4.0).frames
     assert np.array_equal(upside, plain[:, ::-1, ::-1])
 

@@ -169,12 +169,18 @@ def _rotation(frame: av.VideoFrame) -> float:
 
 
 class _ToRGB:
-    """``format=rgb24`` after the command line's autorotation filters, as one libavfilter graph."""
+    """``format=rgb24`` after the command line's autorotation filters, as one libavfilter graph.
+
+    The reference reshapes the command line's raw bytes with the stream's stored width and height
+    (sic), so a quarter-turned frame comes out as its upright bytes read as a stored-size frame:
+    scrambled. That is what it returns here too."""
 
     def __init__(self, first: av.VideoFrame):
         self.graph = av.filter.Graph()
         chain = [self.graph.add_buffer(template=first)]
         theta = _rotation(first)
+        quarter_turn = abs(theta - 90) < 1 or abs(theta - 270) < 1
+        self.stored = (first.height, first.width, 3) if quarter_turn else None
         if abs(theta - 90) < 1:
             chain.append(self.graph.add("transpose", "clock"))
         elif abs(theta - 180) < 1:
@@ -190,7 +196,8 @@ class _ToRGB:
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         self.graph.push(frame)
-        return self.graph.pull().to_ndarray()
+        rgb = self.graph.pull().to_ndarray()
+        return rgb if self.stored is None else np.ascontiguousarray(rgb).reshape(self.stored)
 
 
 def _position(pts: np.ndarray, value: int | None) -> int | None:

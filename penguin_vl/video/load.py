@@ -80,9 +80,10 @@ def load_video(
 
     ``path`` is a video file (anything the bundled FFmpeg decodes), an animated ``.gif`` or a folder
     of frames. Frames are sampled at ``fps`` (FFmpeg's ``fps`` filter, rounding down), cut to
-    ``max_frames`` evenly, optionally within ``start``..``end`` seconds; frames of a rotated video
-    come upright, as the ``ffmpeg`` command line turns them (the reference then reshapes those bytes
-    with the stored width and height, which scrambles a quarter turn; that is not reproduced).
+    ``max_frames`` evenly, optionally within ``start``..``end`` seconds. Frames of a rotated video
+    are turned as the ``ffmpeg`` command line turns them, then, as in the reference, their bytes are
+    read with the stream's stored width and height (sic): a quarter turn comes out scrambled, with
+    the stored shape, exactly as the reference has it.
     Raises :class:`VideoError` (naming the input) for inputs that cannot be read or
     hold no frame in the window, ``ValueError`` for bad arguments.
     """

@@ -121,6 +121,7 @@ def _drain(graph: av.filter.Graph, out: list[np.ndarray]) -> None:
 def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None):
     with av.open(path) as container:
         stream = container.streams.video[0]
+        height, width = stream.codec_context.height, stream.codec_context.width
         tb = stream.time_base
         duration = float(f"{container.duration * 1e-6:f}")
         first_time = float(f"{(stream.start_time or 0) * tb.numerator / tb.denominator:f}")
@@ -148,7 +149,9 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
             graph.push(None)
         _drain(graph, frames)
     timestamps = np.arange(first_time, first_time + duration + 1 / fps, 1 / fps)[: len(frames)]
-    return np.stack(frames), timestamps
+    # the raw bytes of the (autorotated) frames, reshaped with the stream's stored size
+    raw = b"".join(np.ascontiguousarray(f).tobytes() for f in frames)
+    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3).copy(), timestamps
 
 
 def _index_frames(path: str, fps: float, max_frames: int, start, end):
