@@ -141,6 +141,14 @@ class KeyFrameTyper:
             # two patch buffers: one holds the key frame, the next frame is cut into the other
             self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
             self._cut = self._buffers[0]
+            # the kernel's fixed arguments, once: each `.ctypes` look-up makes Python objects, and
+            # enough of them per frame wake the garbage collector, whose passes over torch's many
+            # objects cost more than the kernel
+            (hf, hc, hw), (vf, vc, vw) = self._h, self._v
+            self._resize_args = (
+                rh, rw, _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
+                _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1], _pointer(self._work), _pointer(self._rgb),
+            )  # fmt: skip
 
     def add(self, frame: np.ndarray) -> int:
         """Type the next frame (uint8 ``[H, W, 3]``)."""
@@ -205,16 +213,10 @@ class KeyFrameTyper:
 
     def _hsv_patches(self, frame: np.ndarray) -> np.ndarray:
         """The frame resized, in HSV, as uint8 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
-        h, w = self.size
         frame = frame if frame.strides[1:] == (3, 1) else np.ascontiguousarray(frame)
-        (hf, hc, hw), (vf, vc, vw) = self._h, self._v
         self._lib.penguin_keyframe_patches(
-            _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], h, w,
-            _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
-            _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1],
-            _pointer(self._work), _pointer(self._rgb),
-            _pointer(self._cut),
-        )  # fmt: skip
+            _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], *self._resize_args, _pointer(self._cut)
+        )
         return self._cut
 
     def _patches(self, frame: np.ndarray) -> torch.Tensor:
