@@ -2,7 +2,8 @@
 (:mod:`penguin_vl._native`: same compiler, flags, cache and ``PENGUIN_VL_NATIVE`` switch).
 
 Where it cannot be built, :class:`penguin_vl.video.keyframes.KeyFrameTyper` runs torch's resize and
-a numpy HSV instead: the same bits, about twice the time per frame.
+a numpy HSV instead: the same bits, several times the time per frame (~4.2 ms against ~0.63 ms on a
+608x342 frame).
 """
 
 from __future__ import annotations
