@@ -84,6 +84,58 @@ def _head_bwd(
 
 
 @triton.jit
+def _heads_bwd(
+    x,
+    dx_out,
+    dx,
+    w,
+    n_heads,
+    stride_xn,
+    stride_xh,
+    stride_dxon,
+    stride_dxoh,
+    o_n,
+    o_d,
+    m_n,
+    b_cos_r,
+    b_sin_r,
+    b_cos_c,
+    b_sin_c,
+    eps,
+    HD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Every head of q (or of k) in one block of tokens: writes ``dx`` and returns the block's two
+    halves of the norm weight's gradient, ``[HD/2]`` float32 each, summed over heads and tokens."""
+    # [BLOCK_N, HD/2] float32 weight-gradient terms, summed over heads here and over tokens at the end
+    b_dw1 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
+    b_dw2 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
+    b_w1 = tl.load(w + o_d).to(tl.float32)
+    b_w2 = tl.load(w + HD // 2 + o_d).to(tl.float32)
+    for i_h in range(0, n_heads):
+        t1, t2 = _head_bwd(
+            x + tl.cast(i_h, tl.int64) * stride_xh,
+            dx_out + tl.cast(i_h, tl.int64) * stride_dxoh,
+            dx + i_h * HD,
+            o_n * stride_xn,
+            o_n * stride_dxon,
+            o_n * (n_heads * HD),
+            m_n,
+            b_w1,
+            b_w2,
+            b_cos_r,
+            b_sin_r,
+            b_cos_c,
+            b_sin_c,
+            eps,
+            HD,
+        )
+        b_dw1 += t1
+        b_dw2 += t2
+    return tl.sum(b_dw1, axis=0), tl.sum(b_dw2, axis=0)
+
+
+@triton.jit
 def _qk_norm_rope_2d_bwd_kernel(
     q,
     k,
@@ -130,61 +182,20 @@ def _qk_norm_rope_2d_bwd_kernel(
     b_sin_c = b_sin_c.to(dtype).to(tl.float32)
     b_cos_c = b_cos_c.to(dtype).to(tl.float32)
 
-    # [BLOCK_N, HD/2] float32 weight-gradient terms, summed over heads here and over tokens at the end
-    b_dw1 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
-    b_dw2 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
-    b_w1 = tl.load(q_w + o_d).to(tl.float32)
-    b_w2 = tl.load(q_w + HD // 2 + o_d).to(tl.float32)
-    for i_h in range(0, n_q_heads):
-        t1, t2 = _head_bwd(
-            q + tl.cast(i_h, tl.int64) * stride_qh,
-            dq_out + tl.cast(i_h, tl.int64) * stride_dqoh,
-            dq + i_h * HD,
-            o_n * stride_qn,
-            o_n * stride_dqon,
-            o_n * (n_q_heads * HD),
-            m_n,
-            b_w1,
-            b_w2,
-            b_cos_r,
-            b_sin_r,
-            b_cos_c,
-            b_sin_c,
-            eps,
-            HD,
-        )
-        b_dw1 += t1
-        b_dw2 += t2
+    # weight gradients: float32, per block of tokens, summed over the blocks by the caller
     p_dw = dw + i_n.to(tl.int64) * 2 * HD + o_d
-    tl.store(p_dw, tl.sum(b_dw1, axis=0))
-    tl.store(p_dw + HD // 2, tl.sum(b_dw2, axis=0))
-
-    b_dw1 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
-    b_dw2 = tl.zeros([BLOCK_N, HD // 2], dtype=tl.float32)
-    b_w1 = tl.load(k_w + o_d).to(tl.float32)
-    b_w2 = tl.load(k_w + HD // 2 + o_d).to(tl.float32)
-    for i_h in range(0, n_kv_heads):
-        t1, t2 = _head_bwd(
-            k + tl.cast(i_h, tl.int64) * stride_kh,
-            dk_out + tl.cast(i_h, tl.int64) * stride_dkoh,
-            dk + i_h * HD,
-            o_n * stride_kn,
-            o_n * stride_dkon,
-            o_n * (n_kv_heads * HD),
-            m_n,
-            b_w1,
-            b_w2,
-            b_cos_r,
-            b_sin_r,
-            b_cos_c,
-            b_sin_c,
-            eps,
-            HD,
-        )
-        b_dw1 += t1
-        b_dw2 += t2
-    tl.store(p_dw + HD, tl.sum(b_dw1, axis=0))
-    tl.store(p_dw + HD + HD // 2, tl.sum(b_dw2, axis=0))
+    b_dw1, b_dw2 = _heads_bwd(
+        q, dq_out, dq, q_w, n_q_heads, stride_qn, stride_qh, stride_dqon, stride_dqoh,
+        o_n, o_d, m_n, b_cos_r, b_sin_r, b_cos_c, b_sin_c, eps, HD, BLOCK_N,
+    )  # fmt: skip
+    tl.store(p_dw, b_dw1)
+    tl.store(p_dw + HD // 2, b_dw2)
+    b_dw1, b_dw2 = _heads_bwd(
+        k, dk_out, dk, k_w, n_kv_heads, stride_kn, stride_kh, stride_dkon, stride_dkoh,
+        o_n, o_d, m_n, b_cos_r, b_sin_r, b_cos_c, b_sin_c, eps, HD, BLOCK_N,
+    )  # fmt: skip
+    tl.store(p_dw + HD, b_dw1)
+    tl.store(p_dw + HD + HD // 2, b_dw2)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
