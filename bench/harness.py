@@ -88,6 +88,7 @@ __all__ = [
     "gpu_bench",
     "load_or_measure_ceilings",
     "measure_ceilings",
+    "peak_bytes",
     "record",
     "requires_cuda",
 ]
@@ -320,3 +321,13 @@ def cpu_bench(
         flush_l2=False,
         info=info,
     )
+
+
+def peak_bytes(fn: Callable[..., Any], args: tuple) -> int:
+    """Peak device memory one call of ``fn(*args)`` allocates beyond what is already held (weights, inputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

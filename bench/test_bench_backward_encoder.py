@@ -29,7 +29,7 @@ import torch
 
 from bench import dry_run
 from bench.dry_run import DEVICE, pick
-from bench.harness import gpu_bench, requires_cuda
+from bench.harness import gpu_bench, peak_bytes, requires_cuda
 from penguin_vl import PenguinEncoder, PenguinEncoderConfig
 from penguin_vl.workloads import WORKLOADS, make_inputs
 
@@ -79,16 +79,6 @@ def _step(model: PenguinEncoder, forward=None):
     return run
 
 
-def _peak_bytes(fn, args: tuple) -> int:
-    """Peak device memory one step allocates beyond what is already held (weights, inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(*args)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.fixture(scope="module")
 def compiled_reference(encoders):
     """The plain-PyTorch encoder under ``torch.compile``, built once for every workload (see test_bench_encoder)."""
@@ -124,4 +114,4 @@ def test_encoder_training_step(benchmark, ceilings, encoders, compiled_reference
         benchmark.extra_info["tokens_per_s"] = workload.tokens / result.seconds
         benchmark.extra_info["mfu_pct"] = result.info.get("pct_peak_tflops")
         for label, fn in steps.items():
-            benchmark.extra_info[f"peak_mem_mib_{label}"] = _peak_bytes(fn, inputs[0]) / 2**20
+            benchmark.extra_info[f"peak_mem_mib_{label}"] = peak_bytes(fn, inputs[0]) / 2**20

@@ -11,7 +11,7 @@ import torch
 
 from bench import dry_run
 from bench.dry_run import DEVICE, pick
-from bench.harness import cpu_bench, gpu_bench, requires_cuda
+from bench.harness import cpu_bench, gpu_bench, peak_bytes, requires_cuda
 from penguin_vl import PenguinEncoder, PenguinEncoderConfig
 from penguin_vl.workloads import WORKLOADS, make_inputs, uniform
 
@@ -67,16 +67,6 @@ def _inference(fn):
     return run
 
 
-def _peak_bytes(fn, args: tuple) -> int:
-    """Peak device memory one call allocates beyond what is already held (weights, inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(*args)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @requires_cuda
 @pytest.mark.parametrize("name", list(WORKLOADS), ids=str)
 def test_encoder(benchmark, ceilings, encoders, compiled_reference, name):
@@ -108,7 +98,7 @@ def test_encoder(benchmark, ceilings, encoders, compiled_reference, name):
         benchmark.extra_info["images_per_s"] = len(workload.grid_sizes) / result.seconds
         benchmark.extra_info["mfu_pct"] = result.info.get("pct_peak_tflops")
         for label, fn in (("triton", triton), ("torch_eager", reference), ("torch_compile", compiled)):
-            benchmark.extra_info[f"peak_mem_mib_{label}"] = _peak_bytes(fn, inputs[0]) / 2**20
+            benchmark.extra_info[f"peak_mem_mib_{label}"] = peak_bytes(fn, inputs[0]) / 2**20
 
 
 def test_reference_encoder_cpu(benchmark):
