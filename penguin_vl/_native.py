@@ -81,11 +81,11 @@ def _flags() -> list[str]:
     flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing"]
     # The vector loops are written for the compiler's auto-vectoriser: widen them where the CPU can.
     # torch's dispatch level names what this CPU runs (not -march=native: a shared cache may serve others).
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2",
-        "AVX512",
-    ):
+    level = torch.backends.cpu.get_cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else ""
+    if level in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if level == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     return flags
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from penguin_vl.video import KeyFrameTyper, rgb_to_hsv
-from penguin_vl.video.keyframes import key_frame_size
+from penguin_vl import _native
+from penguin_vl.video import KeyFrameTyper, _compiled, rgb_to_hsv
+from penguin_vl.video.keyframes import _resize_taps, _torch_fuses_taps, key_frame_size
 from penguin_vl.video.reference import reference_frame_types, reference_smart_resize
 from tests.video_samples import picture
 
@@ -82,9 +84,12 @@ def test_similarity_threshold_edges_match_reference() -> None:
 
 @pytest.mark.parametrize(
     ("height", "width"),
-    [(342, 608), (480, 854), (72, 96), (70, 98), (70, 100), (72, 98), (55, 97), (1080, 1920), (13, 300), (9, 17)],
+    [(342, 608), (480, 854), (72, 96), (70, 98), (70, 100), (72, 98), (55, 97), (1080, 1920), (13, 300), (9, 17)]
+    + [(2160, 3840), (150, 7), (40, 1000), (1000, 40)],
 )
 def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, height: int, width: int) -> None:
+    # 2160x3840 halves both sides (five taps: the horizontal pass leaves its permutes for the lanes);
+    # a frame seven pixels wide has too few values a row for the permutes
     compiled = KeyFrameTyper(height, width)
     if compiled._lib is None:
         pytest.skip("no C compiler: only the torch path runs here")
@@ -96,6 +101,60 @@ def test_compiled_patches_equal_torch_path(monkeypatch: pytest.MonkeyPatch, heig
     frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8), picture(5, 9, height, width)]
     frames.append(np.asarray(frames[1][:, ::-1]))  # a strided view
     for frame in frames:
+        assert torch.equal(compiled._patches(frame), fallback._patches(frame))
+
+
+def identity_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weights read off by resizing the identity (every input an impulse of its own)."""
+    eye = torch.eye(size_in)[None, None]
+    weights = F.interpolate(eye, (size_in, size_out), mode="bilinear", antialias=True)[0, 0].T.numpy()
+    nonzero = weights != 0
+    first = nonzero.argmax(axis=1)
+    count = size_in - nonzero[:, ::-1].argmax(axis=1) - first
+    padded = np.zeros((size_out, int(count.max())), dtype=np.float32)
+    for j, (f, c) in enumerate(zip(first.tolist(), count.tolist(), strict=True)):
+        padded[j, :c] = weights[j, f : f + c]
+    return first, count, padded
+
+
+@pytest.mark.parametrize(
+    ("size_in", "size_out"),
+    [(608, 602), (342, 336), (480, 476), (854, 854), (17, 56), (9, 42), (3840, 1890), (2160, 1064), (1000, 14)]
+    + [(5, 700), (1, 14), (300, 294), (97, 98), (1920, 1918), (29, 14)],
+)
+def test_comb_taps_equal_identity_taps(size_in: int, size_out: int) -> None:
+    for got, want in zip(_resize_taps(size_in, size_out), identity_taps(size_in, size_out), strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_this_torch_sums_few_taps_fused() -> None:
+    # the premise of the compiled resize on this machine (else every frame would take torch's resize)
+    assert _torch_fuses_taps()
+    assert not KeyFrameTyper(342, 608)._torch_resize and KeyFrameTyper(2160, 3840)._torch_resize
+
+
+@pytest.mark.parametrize("level", ["plain C", "AVX2", "AVX-512"])
+def test_every_vector_level_gives_the_same_patches(monkeypatch: pytest.MonkeyPatch, tmp_path, level: str) -> None:
+    # the kernel has a plain path, an AVX2 path and an AVX-512 one; the default build runs only the
+    # widest this CPU has, so each is built here on its own and checked against the torch path
+    flags = {"plain C": [], "AVX2": ["-mavx2", "-mfma"]}
+    flags["AVX-512"] = flags["AVX2"] + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    needs = {"plain C": (), "AVX2": ("AVX2", "AVX512"), "AVX-512": ("AVX512",)}[level]
+    if _compiled.library() is None:
+        pytest.skip("no C compiler: only the torch path runs here")
+    if needs and torch.backends.cpu.get_cpu_capability() not in needs:
+        pytest.skip(f"this CPU does not run {level}")
+    monkeypatch.setenv("PENGUIN_VL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_flags", lambda: ["-O3", "-std=c99", "-shared", "-fPIC", *flags[level]])
+    monkeypatch.setattr(_compiled, "_library", _compiled._build())
+    rng = np.random.default_rng(11)
+    # 1440x2560 is scaled by 1.36: windows too wide for the permutes, so its rows go through the lanes
+    for height, width in [(342, 608), (480, 854), (1440, 2560), (9, 17), (150, 7), (14, 14), (2160, 3840)]:
+        compiled = KeyFrameTyper(height, width)
+        with monkeypatch.context() as env:
+            env.setenv("PENGUIN_VL_NATIVE", "0")
+            fallback = KeyFrameTyper(height, width)
+        frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         assert torch.equal(compiled._patches(frame), fallback._patches(frame))
 
 

@@ -18,6 +18,7 @@ numpy (exact for all 2^24 colours; the tests check every one against OpenCV).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -94,23 +95,79 @@ def _hsv_planes(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray
     return h, s, v
 
 
+@functools.lru_cache(maxsize=64)
 def _resize_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's antialiased bilinear weights for one axis, read off by resizing the identity (exact: each
-    output of an impulse is one weight times one): first tap, tap count, zero-padded weights per output."""
-    eye = torch.eye(size_in)[None, None]
-    weights = F.interpolate(eye, (size_in, size_out), mode="bilinear", antialias=True)[0, 0].T.numpy()
+    """torch's antialiased bilinear weights for one axis, read off torch itself: first tap, tap count,
+    zero-padded weights per output (kept per size pair, read-only: the videos of a batch mostly share one).
+
+    The input is a set of combs, one per phase, each with a 1 every ``period`` samples; ``period``
+    exceeds any output's span of taps, so each output of a comb is one weight times one plus zeros
+    (exact), and the phase says which tap it is. ``period`` rows of ``size_in`` values cost far less
+    than resizing the identity (``size_in`` rows)."""
+    scale = size_in / size_out
+    support = max(scale, 1.0)  # the bilinear filter's half-width in input samples
+    period = int(2 * support) + 4
+    samples = np.arange(size_in)
+    combs = torch.zeros(period, size_in)
+    combs[torch.from_numpy(samples % period), torch.from_numpy(samples)] = 1.0
+    out = F.interpolate(combs[None, :, None], (1, size_out), mode="bilinear", antialias=True)[0, :, 0].numpy()
+    # each output's taps lie in [low, low + period): low is at or below torch's first tap
+    centre = scale * (np.arange(size_out) + 0.5)
+    low = np.maximum(np.floor(centre - support + 0.5).astype(np.int64) - 1, 0)
+    index = low[:, None] + (np.arange(period)[None, :] - low[:, None]) % period
+    order = np.argsort(index, axis=1)
+    index = np.take_along_axis(index, order, axis=1)
+    weights = np.take_along_axis(out.T, order, axis=1)
     nonzero = weights != 0
-    first = nonzero.argmax(axis=1)
-    count = size_in - nonzero[:, ::-1].argmax(axis=1) - first
-    taps = int(count.max())
-    padded = np.zeros((size_out, taps), dtype=np.float32)
-    for j, (f, c) in enumerate(zip(first.tolist(), count.tolist(), strict=True)):
-        padded[j, :c] = weights[j, f : f + c]
-    return first.astype(np.int32), count.astype(np.int32), padded
+    start = nonzero.argmax(axis=1)
+    count = period - nonzero[:, ::-1].argmax(axis=1) - start
+    taps = np.arange(int(count.max()))
+    picked = np.take_along_axis(weights, np.minimum(start[:, None] + taps, period - 1), axis=1)
+    padded = np.where(taps < count[:, None], picked, 0).astype(np.float32)
+    first = index[np.arange(size_out), start]
+    taps_of_axis = (first.astype(np.int32), count.astype(np.int32), padded)
+    for array in taps_of_axis:
+        array.flags.writeable = False
+    return taps_of_axis
+
+
+# torch sums an output's taps with fused multiply-adds up to this many taps; past it, its compiled loop
+# sums in other orders, which the kernel does not reproduce (such frames are resized by torch itself)
+_FUSED_TAPS = 4
+
+
+@functools.cache
+def _torch_fuses_taps() -> bool:
+    """Whether this torch's float32 antialiased resize sums up to ``_FUSED_TAPS`` taps with fused
+    multiply-adds, as the kernel does (its CPU kernels built without FMA instructions do not)."""
+    row = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 1, 1, 97)).astype(np.float32))
+    for size in (89, 60, 50):  # outputs of two, three and four taps
+        first, count, weights = _resize_taps(97, size)
+        got = F.interpolate(row, (1, size), mode="bilinear", antialias=True)[0, 0, 0].numpy()
+        x = row[0, 0, 0].numpy().astype(np.float64)
+        for j in range(size):
+            acc = np.float32(x[first[j]] * weights[j, 0])
+            for k in range(1, int(count[j])):
+                acc = np.float32(x[first[j] + k] * np.float64(weights[j, k]) + np.float64(acc))  # one rounding
+            if acc != got[j]:
+                return False
+    return True
 
 
 def _pointer(array: np.ndarray) -> int:
     return array.ctypes.data
+
+
+def _share_below(count: int, total: int) -> bool:
+    """Whether the reference's share of similar patches, the float32 mean of ``count`` ones and
+    ``total - count`` zeros, is below 0.95 (for no patches it is nan, which is not)."""
+    if total == 0:
+        return False
+    if abs(count / total - FRAME_SIMILAR) > 1e-6:  # float32's rounding of the mean is far smaller
+        return count / total < FRAME_SIMILAR
+    share = torch.zeros(total)
+    share[:count] = 1.0
+    return share.mean().item() < FRAME_SIMILAR
 
 
 class KeyFrameTyper:
@@ -128,27 +185,38 @@ class KeyFrameTyper:
         self.size = key_frame_size(height, width)
         rh, rw = self.size
         self._grid = (rh // PATCH, rw // PATCH)
-        self._key: torch.Tensor | None = None  # last key frame: unit patches (torch path) or uint8 patches
-        self._key_dark: torch.Tensor | np.ndarray | None = None  # its all-black patches
-        self._key_squares: np.ndarray | None = None  # its squared norms (compiled path)
+        self._key: torch.Tensor | np.ndarray | None = None  # last key frame: unit patches (torch) or uint8 patches
+        self._key_dark: torch.Tensor | None = None  # its all-black patches (torch path)
         self._product: torch.Tensor | None = None
         self._lib = _compiled.library()
         if self._lib is not None:
             self._h = _resize_taps(width, rw)
             self._v = _resize_taps(height, rh)
-            self._work = np.empty(3 * (height * rw + 8 * (width + rw) + rw), dtype=np.float32)
-            self._rgb = np.empty((rh, rw, 3), dtype=np.uint8)
-            # two patch buffers: one holds the key frame, the next frame is cut into the other
+            (hf, hc, hw), (vf, vc, vw) = self._h, self._v
+            # a frame the kernel cannot resize as torch does is resized by torch, then given to the kernel
+            # at its new size (both passes skipped)
+            self._torch_resize = max(hw.shape[1], vw.shape[1]) > _FUSED_TAPS or not _torch_fuses_taps()
+            in_h, in_w = (rh, rw) if self._torch_resize else (height, width)
+            self._frame_size = (in_h, in_w)
+            size = self._lib.penguin_keyframe_work_bytes(in_w, rw, hw.shape[1], vw.shape[1])
+            self._work = np.empty(size + 64, dtype=np.uint8)
+            aligned = -self._work.ctypes.data % 64
+            patches = self._grid[0] * self._grid[1]
+            # two patch buffers and two norm buffers: one holds the key frame's, the next frame's go in the other
             self._buffers = [np.empty((*self._grid, 3 * PATCH * PATCH), dtype=np.uint8) for _ in range(2)]
-            self._cut = self._buffers[0]
+            self._norms = [np.empty(patches, dtype=np.int32) for _ in range(2)]
+            self._slot = 0
+            self._counts = np.empty(2, dtype=np.int64)
+            self._close = np.empty(patches, dtype=np.int64)
             # the kernel's fixed arguments, once: each `.ctypes` look-up makes Python objects, and
             # enough of them per frame wake the garbage collector, whose passes over torch's many
             # objects cost more than the kernel
-            (hf, hc, hw), (vf, vc, vw) = self._h, self._v
             self._resize_args = (
                 rh, rw, _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
-                _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1], _pointer(self._work), _pointer(self._rgb),
+                _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1], self._work.ctypes.data + aligned,
             )  # fmt: skip
+            self._pointers = [(_pointer(b), _pointer(n)) for b, n in zip(self._buffers, self._norms, strict=True)]
+            self._outputs = (_pointer(self._counts), _pointer(self._close))
 
     def add(self, frame: np.ndarray) -> int:
         """Type the next frame (uint8 ``[H, W, 3]``)."""
@@ -172,61 +240,55 @@ class KeyFrameTyper:
         return 0
 
     def _add_exact_integers(self, frame: np.ndarray) -> int:
-        cut = self._hsv_patches(frame)
-        flat = cut.reshape(-1, cut.shape[-1])
-        squares = self._dots(flat, flat)
-        dark = squares == 0  # integer patches: a norm under 0.01 is a norm of 0
+        slot = self._slot
+        key = (None, None) if self._key is None else self._pointers[1 - slot]
+        compare = (*key, self._pointers[slot][1], PATCH_SIMILAR, _DECIDED, *self._outputs)
+        close_count = self._kernel(frame, self._buffers[slot], compare)
+        cut = self._buffers[slot]
         if self._key is None:
-            self._keep_key(cut, squares, dark)
-            return 0
-        key = self._key.reshape(-1, cut.shape[-1])
-        kept = ~(self._key_dark & dark)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = self._dots(key, flat) / np.sqrt(self._key_squares.astype(np.float64) * squares)
-        cos = np.nan_to_num(cos, nan=0.0)  # a black patch beside a lit one: the reference's cosine is 0
-        similar = cos > PATCH_SIMILAR
-        close = np.flatnonzero(kept & (np.abs(cos - PATCH_SIMILAR) < _DECIDED))
-        if len(close):
-            a = torch.from_numpy(key[close].astype(np.float32))
-            b = torch.from_numpy(flat[close].astype(np.float32))
+            return self._keep_key(cut)
+        total, count = self._counts.tolist()
+        if close_count:
+            close = self._close[:close_count]
+            a = torch.from_numpy(self._key.reshape(-1, cut.shape[-1])[close].astype(np.float32))
+            b = torch.from_numpy(cut.reshape(-1, cut.shape[-1])[close].astype(np.float32))
             a_norm = torch.norm(a, p=2, dim=-1, keepdim=True) + _EPS
             b_norm = torch.norm(b, p=2, dim=-1, keepdim=True) + _EPS
-            similar[close] = ((a / a_norm * b / b_norm).sum(dim=-1) > PATCH_SIMILAR).numpy()
-        count, total = int(similar[kept].sum()), int(kept.sum())
-        # the reference's mean of `total` zeros and ones, as torch computes it (nan when there are none)
-        share = torch.zeros(total)
-        share[:count] = 1.0
-        if not share.mean().item() < FRAME_SIMILAR:
+            count += int(((a / a_norm * b / b_norm).sum(dim=-1) > PATCH_SIMILAR).sum())
+        if not _share_below(count, total):
             return 1
-        self._keep_key(cut, squares, dark)
-        return 0
+        return self._keep_key(cut)
 
-    def _keep_key(self, cut: np.ndarray, squares: np.ndarray, dark: np.ndarray) -> None:
+    def _keep_key(self, cut: np.ndarray) -> int:
         self._key = cut
-        self._cut = self._buffers[1] if cut is self._buffers[0] else self._buffers[0]
-        self._key_squares, self._key_dark = squares, dark
-
-    def _dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        out = np.empty(len(a), dtype=np.int32)
-        self._lib.penguin_patch_dots(_pointer(a), _pointer(b), len(a), a.shape[1], _pointer(out))
-        return out
+        self._slot = 1 - self._slot
+        return 0
 
     def _hsv_patches(self, frame: np.ndarray) -> np.ndarray:
         """The frame resized, in HSV, as uint8 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
+        out = self._buffers[self._slot]
+        self._kernel(frame, out, (None, None, None, 0.0, 0.0, None, None))  # no comparison
+        return out
+
+    def _kernel(self, frame: np.ndarray, out: np.ndarray, compare: tuple) -> int:
+        if self._torch_resize:
+            frame = self._torch_resized(frame).transpose(1, 2, 0)
         frame = frame if frame.strides[1:] == (3, 1) else np.ascontiguousarray(frame)
-        self._lib.penguin_keyframe_patches(
-            _pointer(frame), frame.strides[0], frame.shape[0], frame.shape[1], *self._resize_args, _pointer(self._cut)
+        return self._lib.penguin_keyframe_patches(
+            _pointer(frame), frame.strides[0], *self._frame_size, *self._resize_args, _pointer(out), *compare
         )
-        return self._cut
+
+    def _torch_resized(self, frame: np.ndarray) -> np.ndarray:
+        """The reference's resize of one frame, truncated to uint8 ``[3, h, w]``."""
+        # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
+        chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
+        return F.interpolate(chw, self.size, mode="bilinear", antialias=True)[0].numpy().astype(np.uint8)
 
     def _patches(self, frame: np.ndarray) -> torch.Tensor:
         """The frame resized, in HSV, as float32 ``[h / 14, w / 14, 588]`` patches in (c, y, x) order."""
         gh, gw = self._grid
         if self._lib is not None:
             return torch.from_numpy(self._hsv_patches(frame).astype(np.float32))
-        # the reference resizes float32 NCHW frames; a contiguous single-frame batch gives the same values
-        chw = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
-        planes = F.interpolate(chw, self.size, mode="bilinear", antialias=True)[0].numpy().astype(np.uint8)
-        hsv = np.stack(_hsv_planes(*planes))
+        hsv = np.stack(_hsv_planes(*self._torch_resized(frame)))
         cut = hsv.reshape(3, gh, PATCH, gw, PATCH).transpose(1, 3, 0, 2, 4)
         return torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32).reshape(gh, gw, 3 * PATCH * PATCH))
