@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,30 @@ ENCODER_MODEL_TYPE = "penguinvl_vision_encoder"
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Entries of a full Penguin-VL config.json that name the vision encoder by path or hub id.
 _ENCODER_PATH_KEYS = ("vision_encoder", "mm_vision_encoder")
+# The JSON type of each field. A value of another type is refused, never converted: int(2.5) or int("16")
+# would build another model than the file describes. An integral float (64.0) is refused too: a writer that
+# means a count writes 64, and "integers only" is a rule a reader can check by eye, where "floats that happen
+# to be whole" is not. A boolean is no number here although Python's bool is an int.
+_KINDS: dict[str, type] = {
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+    "head_dim": int,
+    "rms_norm_eps": float,
+    "rope_theta": float,
+    "patch_size": int,
+    "num_channels": int,
+    "attention_bias": bool,
+}
+# Qwen3 reads null here as absent: as many KV heads as query heads, head_dim = hidden_size // heads.
+_NULL_MEANS_ABSENT = ("num_key_value_heads", "head_dim")
+_QWEN3_ROPE_THETA = 10000.0
+_JSON_TYPES = {
+    bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+    type(None): "null", list: "an array", dict: "an object",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,19 +61,8 @@ class PenguinEncoderConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "patch_size",
-            "num_channels",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in _KINDS:
+            object.__setattr__(self, name, _checked(name, getattr(self, name)))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -83,20 +97,15 @@ class PenguinEncoderConfig:
                 f"config: rope_scaling={rope_scaling!r} is not implemented; the Penguin-VL encoder uses "
                 "plain 2D rotary embeddings (rope_scaling: null)"
             )
-        heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim")
+        values = {
+            name: d[name] for name in _KINDS if name in d and not (d[name] is None and name in _NULL_MEANS_ABSENT)
+        }
+        heads = _checked("num_attention_heads", values["num_attention_heads"])
+        values.setdefault("num_key_value_heads", heads)
+        values.setdefault("head_dim", _checked("hidden_size", values["hidden_size"]) // heads)
+        values.setdefault("rope_theta", _QWEN3_ROPE_THETA)
         return cls(
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim) if head_dim else int(d["hidden_size"]) // heads,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            patch_size=int(d.get("patch_size", 14)),
-            num_channels=int(d.get("num_channels", 3)),
-            attention_bias=bool(d.get("attention_bias", False)),
+            **values,
             extra={k: v for k, v in d.items() if k not in cls.__dataclass_fields__},
         )
 
@@ -125,6 +134,25 @@ class ProjectorConfig:
 
     in_dim: int
     out_dim: int
+
+
+def _checked(name: str, value: object) -> int | float | bool:
+    """``value`` if it has field ``name``'s JSON type and range; an integer given for a float field becomes one."""
+    kind = _KINDS[name]
+    if kind is bool:
+        fits, expected = isinstance(value, bool), "true or false"
+    elif kind is int:
+        fits, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        fits, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if not fits:
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise TypeError(f"config: {name} must be {expected}, got {value!r} ({got})")
+    if kind is int and value < 1:
+        raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+    if kind is float and not 0 < value < math.inf:
+        raise ValueError(f"config: {name} must be a positive finite number, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def _is_encoder_config(d: Mapping[str, Any]) -> bool:

@@ -17,11 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from penguin_kernels import reference
-from penguin_vl import CheckpointError, ImageProcessor, PenguinEncoder, load_video
+from penguin_vl import CheckpointError, ImageProcessor, PenguinEncoder, PenguinEncoderConfig, load_video
 from penguin_vl import encode as enc
 from penguin_vl import processor as proc
 from penguin_vl.cli import build_parser, main
 from penguin_vl.encode import sinks
+from tests.test_model import GOLDEN, requires_golden
 from tests.utils import assert_rel_close
 
 # one forward per frame against one forward per input, float32 on the CPU: only summation order differs
@@ -262,6 +263,88 @@ def test_invalid_config_is_named(data, ckpt, tmp_path, capsys, text):
         PenguinEncoder.from_pretrained(bad)
     assert main(["encode", "data/img0.png", "--model", str(bad), "--out", "o.safetensors"]) == 2
     assert str(bad / "config.json") in capsys.readouterr().err
+
+
+# Values of another JSON type than the field's, for the tiny checkpoint (64 wide, 4 heads of 16, 2 KV heads):
+# most would convert to the very value the file holds, so a load that converted could not be told apart.
+WRONG_TYPES = [
+    ("head_dim", 2.5, "an integer"),
+    ("head_dim", 16.0, "an integer"),
+    ("num_attention_heads", "4", "an integer"),
+    ("hidden_size", 64.0, "an integer"),
+    ("num_hidden_layers", "2", "an integer"),
+    ("num_key_value_heads", True, "an integer"),
+    ("patch_size", [14], "an integer"),
+    ("intermediate_size", {"value": 128}, "an integer"),
+    ("num_channels", "3", "an integer"),
+    ("rms_norm_eps", "1e-6", "a number"),
+    ("rope_theta", True, "a number"),
+    ("rope_theta", None, "a number"),
+    ("attention_bias", "false", "true or false"),
+    ("attention_bias", 0, "true or false"),
+]
+WRONG_VALUES = [("head_dim", 0), ("num_key_value_heads", -2), ("rms_norm_eps", -1e-6), ("rope_theta", float("inf"))]
+
+
+def _with_config_value(ckpt: Path, tmp_path: Path, key: str, value: object) -> Path:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), WRONG_TYPES, ids=lambda v: repr(v))
+def test_config_value_of_another_type_is_refused(data, ckpt, tmp_path, capsys, key, value, expected):
+    bad = _with_config_value(ckpt, tmp_path, key, value)
+    said = f"{key} must be {expected}, got {value!r}"
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad / 'config.json'}: config: {said}")):
+        PenguinEncoder.from_pretrained(bad)
+    with pytest.raises(TypeError, match=re.escape(said)):
+        PenguinEncoderConfig.from_dict(json.loads((bad / "config.json").read_text()))
+    capsys.readouterr()
+    assert main(["encode", "data/img0.png", "--model", str(bad), "--out", "o.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("penguin-vl: error: ") and said in err and "Traceback" not in err
+    assert not Path("o.safetensors").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), WRONG_VALUES, ids=lambda v: repr(v))
+def test_config_value_out_of_range_is_refused(ckpt, tmp_path, key, value):
+    bad = _with_config_value(ckpt, tmp_path, key, value)
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: config: {key} must be a positive")):
+        PenguinEncoder.from_pretrained(bad)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), WRONG_TYPES[:4] + WRONG_TYPES[-3:], ids=lambda v: repr(v))
+def test_config_built_in_python_refuses_another_type(key, value, expected):
+    with pytest.raises(TypeError, match=re.escape(f"{key} must be {expected}, got {value!r}")):
+        PenguinEncoderConfig(**{key: value})
+
+
+@requires_golden
+def test_golden_config_loads_as_written():
+    config = PenguinEncoderConfig.from_pretrained(GOLDEN / "encoder_shared")
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
+        256, 4, 2, 64,
+    )  # fmt: skip
+    assert (config.rms_norm_eps, config.rope_theta, config.attention_bias) == (1e-6, 10000.0, False)
+
+
+def test_config_values_of_the_right_type_load(ckpt):
+    written = json.loads((ckpt / "config.json").read_text())
+    tiny = PenguinEncoderConfig.from_dict(written)
+    assert PenguinEncoder.from_pretrained(ckpt).config == tiny
+    assert PenguinEncoderConfig.from_dict(PenguinEncoderConfig().to_dict()) == PenguinEncoderConfig()
+    # an integer for a float field is that number; null KV heads and head_dim mean absent, as in Qwen3
+    same = {**written, "rms_norm_eps": 1, "rope_theta": 10000, "num_key_value_heads": None, "head_dim": None}
+    loaded = PenguinEncoderConfig.from_dict(same)
+    assert (loaded.rms_norm_eps, loaded.rope_theta) == (1.0, 10000.0)
+    assert isinstance(loaded.rms_norm_eps, float) and isinstance(loaded.rope_theta, float)
+    assert (loaded.num_key_value_heads, loaded.head_dim) == (tiny.num_attention_heads, 16)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="says what happens on a machine without CUDA")

@@ -112,7 +112,7 @@ def test_damaged_checkpoints(tmp_path, original, earlier_output, capsys, data):
     except DOCUMENTED as e:
         assert any(c in str(e) for c in culprits), f"{damage}: the error names none of {culprits}: {e}"
     else:
-        # loaded: only where nothing that matters changed (a float64 copy, a flip in the metadata, "64" for 64)
+        # loaded: only where nothing that matters changed (a float64 copy, a flip in the metadata)
         assert torch.equal(model(PIXELS, GRID, MERGE), original[1]), f"{damage}: other weights loaded"
         return
     out = earlier_output / "od"
