@@ -366,7 +366,7 @@ static void hsv_planar(const uint8_t *restrict R, const uint8_t *restrict G, con
 int64_t penguin_keyframe_work_bytes(int32_t width, int32_t out_w, int32_t h_taps, int32_t v_taps) {
     const int64_t out_n = 3 * (int64_t)out_w, ring = v_taps + LANES, groups = (out_n + 15) / 16;
     const int64_t floats = ring * out_n + LANES * 3 * (int64_t)width + LANES * out_n;
-    return 4 * floats + 3 * (out_n + 64) + 8 * (int64_t)v_taps + 4 * groups * (1 + 32 * (int64_t)h_taps) + 64;
+    return 4 * floats + 3 * (out_n + 64) + 64 + 8 * (int64_t)v_taps + 4 * groups * (1 + 32 * (int64_t)h_taps);
 }
 
 static void dots(const uint8_t *restrict a, const uint8_t *restrict b, int32_t length, int32_t *ab, int32_t *bb) {
@@ -454,8 +454,8 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
     uint8_t *rgb = (uint8_t *)(done + (int64_t)LANES * out_n); /* one output row, interleaved */
     uint8_t *planes = rgb + out_n + 64;                        /* the same, [3][out_w] */
     uint8_t *hsv = planes + out_n + 64;                        /* [3][out_w] */
-    const float **taps = (const float **)(work + 4 * ((int64_t)ring * out_n + LANES * 3 * (int64_t)width +
-                                                      LANES * (int64_t)out_n) + 3 * ((int64_t)out_n + 64));
+    const int64_t bytes_used = (hsv + out_n + 64) - work;
+    const float **taps = (const float **)(work + (bytes_used + 63) / 64 * 64); /* the vertical pass's rows */
     int32_t *table = (int32_t *)(taps + v_taps); /* the permute path's indices and weights */
     const int32_t grid_w = out_w / PATCH, area = PATCH * PATCH;
 #ifdef __AVX512F__
