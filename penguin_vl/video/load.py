@@ -19,7 +19,16 @@ from PIL import Image, ImageOps
 from penguin_vl.video.decode import Mismatch, Source, VideoError, decode_picked, frame_timeline, open_source
 from penguin_vl.video.decode import packet_timeline as _packet_timeline
 from penguin_vl.video.keyframes import KeyFrameTyper
-from penguin_vl.video.timing import Timeline, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
+from penguin_vl.video.timing import (
+    Timeline,
+    cfr_slots,
+    cli_microseconds,
+    d2q,
+    fps_slots,
+    index_sample,
+    thin,
+    trim_window,
+)
 
 __all__ = ["VIDEO_SUFFIXES", "Video", "VideoError", "check_sampling", "is_video_file", "load_video"]
 
@@ -188,9 +197,11 @@ def _video_file(source: Source, fps: float, max_frames: int, start: float | None
             offset_us += cli_microseconds(first)
             duration_us = cli_microseconds(duration)
         kept, pts, stream_end = trim_window(timeline, source.time_base, offset_us, duration_us)
-        slots = fps_slots(pts, stream_end, source.time_base, d2q(fps))
+        rate = d2q(fps)
+        slots = fps_slots(pts, stream_end, source.time_base, rate)
         if len(slots) == 0:
             raise VideoError(f"{source.path}: no frames at fps={fps} in the asked window (start={start}, end={end})")
+        slots = cfr_slots(slots, int(pts[0]), source.time_base, rate)
         keep = thin(len(slots), max_frames)
         picks = kept[slots[keep]]
         step = 1 / fps
