@@ -24,7 +24,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "video_cli"
 
 def make_videos(folder: Path) -> None:
     """The videos: B-frames and closed GOPs of 12, a stream starting at 1.37 s, a video starting half
-    a second after its (uncompressed) audio, and one clip under three rotation matrices."""
+    a second after its (uncompressed) audio, a VP9 video after Opus audio (whose encoder priming starts
+    the container before 0 for FFmpeg 5.1), and one clip under three rotation matrices."""
     folder.mkdir(parents=True, exist_ok=True)
     small = {"size": (64, 48), "rate": 24}
     make_video(folder / "gops.mp4", frames=72, options={"g": "12", "bf": "3"}, **small)
@@ -36,6 +37,15 @@ def make_videos(folder: Path) -> None:
         audio_first=0.5,
         audio_codec="pcm_s16le",
         options={"g": "12", "bf": "2"},
+        **small,
+    )
+    make_video(
+        folder / "opus_first.webm",
+        codec="libvpx-vp9",
+        frames=30,
+        times=lambda i: 0.3 + i / 24,
+        audio_first=0.3,
+        audio_codec="libopus",
         **small,
     )
     plain = make_video(folder / "plain.mp4", frames=24, **small)
@@ -69,6 +79,9 @@ CASES = [
     ("audio_first.mkv", {"fps": 1.0}),
     ("audio_first.mkv", {"fps": 2.5}),  # the first slot is one period in: written twice
     ("audio_first.mkv", {"fps": 3.0, "start": 0.2, "end": 1.7}),
+    ("opus_first.webm", {"fps": 1.0}),
+    ("opus_first.webm", {"fps": 2.5}),
+    ("opus_first.webm", {"fps": 3.0, "start": 0.1, "end": 1.2}),
     ("rot90.mp4", {"fps": 4.0}),
     ("rot180.mp4", {"fps": 4.0}),
     ("rot270.mp4", {"fps": 4.0, "start": 0.1, "end": 1.6}),

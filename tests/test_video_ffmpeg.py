@@ -101,6 +101,16 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "audio_first": make_video(
             d / "audio_first.mkv", frames=50, times=lambda i: 1.1 + i / 25, audio_first=1.1, audio_codec="pcm_s16le"
         ),
+        # audio with encoder priming before the video: FFmpeg 5.1 starts the container inside it
+        "opus_first": make_video(
+            d / "opus_first.webm",
+            codec="libvpx-vp9",
+            frames=45,
+            times=lambda i: 0.2 + i / 30,
+            audio_first=0.2,
+            audio_codec="libopus",
+        ),
+        "aac_first": make_video(d / "aac_first.mkv", frames=50, times=lambda i: 0.75 + i / 30, audio_first=0.75),
         "odd": make_video(d / "odd.mkv", codec="ffv1", size=(97, 55), frames=45, rate=24),
     }
     videos["rot270"] = with_rotation(videos["bframes"], d / "rot270.mp4", 90)
@@ -109,7 +119,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 LIVE = [
     (name, {"fps": fps, "start": start, "end": end})
-    for name in ("bframes", "open_gops", "vfr", "late", "audio_first", "rot270")
+    for name in ("bframes", "open_gops", "vfr", "late", "audio_first", "opus_first", "aac_first", "rot270")
     for fps in (0.5, 1.0, 2.5, 7.0)
     for start, end in ((None, None), (0.37, 2.05), (1.0, None), (None, 2.55), (0.0, 9.0))
 ] + [("odd", {"fps": 4.0}), ("bframes", {"fps": 40.0, "start": 0.52}), ("vfr", {"fps": 30.0, "start": 1.01})]

@@ -32,12 +32,22 @@ try:
 except ImportError:  # a declared dependency; an environment without it reads GIFs and folders, not files
     av = None
 
-from penguin_vl.video.timing import Timeline
+from penguin_vl.video.timing import Timeline, rescale
 
-__all__ = ["Mismatch", "Source", "VideoError", "decode_picked", "frame_timeline", "open_source", "packet_timeline"]
+__all__ = [
+    "Mismatch",
+    "Source",
+    "VideoError",
+    "container_start",
+    "decode_picked",
+    "frame_timeline",
+    "open_source",
+    "packet_timeline",
+]
 
 # decoders whose non-reference frames no other frame needs (skip_frame=NONREF leaves the rest intact)
 _SKIP_NONREF = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+_MICROSECOND = Fraction(1, 1_000_000)
 
 
 class VideoError(ValueError):
@@ -68,6 +78,24 @@ def _printed(seconds: float) -> float:
     return float(f"{seconds:f}")
 
 
+def container_start(container: av.container.InputContainer) -> int:
+    """The container's start time (microseconds) as FFmpeg 5.1, the version the reference was checked
+    with, has it: the earliest stream start. In Matroska/WebM, 5.1 starts an audio stream at its
+    first packet, encoder priming included (an Opus or AAC stream begins a few ms before 0), where the
+    bundled FFmpeg starts it after the priming; the command line shifts every frame by this time."""
+    start = container.start_time or 0
+    if "matroska" not in container.format.name or not container.streams.audio:
+        return start
+    audio = {s.index for s in container.streams.audio}
+    for packet in container.demux(*container.streams.audio):
+        if packet.pts is not None and packet.stream.index in audio:
+            audio.discard(packet.stream.index)
+            start = min(start, rescale(packet.pts, Fraction(packet.stream.time_base), _MICROSECOND))
+        if not audio:
+            break
+    return start
+
+
 def open_source(path: str) -> Source:
     """Open ``path`` and pick the stream the command line would decode."""
     if av is None:
@@ -95,7 +123,7 @@ def open_source(path: str) -> Source:
                 path=path,
                 stream_index=stream.index,
                 time_base=Fraction(stream.time_base.numerator, stream.time_base.denominator),
-                container_start_us=container.start_time or 0,
+                container_start_us=container_start(container),
                 probe_start=start,
                 probe_duration=duration,
                 average_rate=float(stream.average_rate) if stream.average_rate else None,

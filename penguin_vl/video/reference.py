@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from penguin_vl.video.decode import container_start
 from penguin_vl.video.keyframes import rgb_to_hsv
 
 __all__ = ["reference_frame_types", "reference_load_video", "reference_smart_resize"]
@@ -124,6 +125,8 @@ def _drain(graph: av.filter.Graph, out: list[np.ndarray]) -> None:
 
 def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None):
     with av.open(path) as container:
+        container_start_us = container_start(container)
+    with av.open(path) as container:
         stream = container.streams.video[0]
         height, width = stream.codec_context.height, stream.codec_context.width
         tb = stream.time_base
@@ -136,7 +139,7 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
             first_time = moved
         if end is not None:
             duration = min(duration, end - first_time)
-        offset_us = (container.start_time or 0) + (_cli_microseconds(first_time) if trim else 0)
+        offset_us = container_start_us + (_cli_microseconds(first_time) if trim else 0)
         exact = offset_us * Fraction(1, 1_000_000) / Fraction(tb.numerator, tb.denominator)
         shift = math.floor(abs(exact) + Fraction(1, 2)) * (1 if exact >= 0 else -1)
         graph, frames = None, []
