@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from bench.ffmpeg_cli import available, cli_load_video, decord_available
-from tests.video_samples import make_video, with_rotation
+from tests.video_samples import make_video, two_videos, with_rotation
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "video_cli"
 
@@ -25,7 +25,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "video_cli"
 def make_videos(folder: Path) -> None:
     """The videos: B-frames and closed GOPs of 12, a stream starting at 1.37 s, a video starting half
     a second after its (uncompressed) audio, a VP9 video after Opus audio (whose encoder priming starts
-    the container before 0 for FFmpeg 5.1), and one clip under three rotation matrices."""
+    the container before 0 for FFmpeg 5.1), a file with a small video stream before a larger one, and
+    one clip under three rotation matrices."""
     folder.mkdir(parents=True, exist_ok=True)
     small = {"size": (64, 48), "rate": 24}
     make_video(folder / "gops.mp4", frames=72, options={"g": "12", "bf": "3"}, **small)
@@ -48,6 +49,7 @@ def make_videos(folder: Path) -> None:
         audio_codec="libopus",
         **small,
     )
+    two_videos(folder / "two_streams.mkv")
     plain = make_video(folder / "plain.mp4", frames=24, **small)
     # display matrices for a quarter turn clockwise, a half turn, a quarter turn counterclockwise
     for name, degrees in (("rot90", -90), ("rot180", 180), ("rot270", 90)):
@@ -82,6 +84,7 @@ CASES = [
     ("opus_first.webm", {"fps": 1.0}),
     ("opus_first.webm", {"fps": 2.5}),
     ("opus_first.webm", {"fps": 3.0, "start": 0.1, "end": 1.2}),
+    ("two_streams.mkv", {"fps": 4.0}),  # the reference decodes the first video stream
     ("rot90.mp4", {"fps": 4.0}),
     ("rot180.mp4", {"fps": 4.0}),
     ("rot270.mp4", {"fps": 4.0, "start": 0.1, "end": 1.6}),

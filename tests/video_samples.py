@@ -90,3 +90,23 @@ def with_rotation(src: Path, dst: Path, degrees: float) -> Path:
                 packet.stream = out
                 target.mux(packet)
     return dst
+
+
+def two_videos(path: Path, *, frames: int = 24, rate: int = 24) -> Path:
+    """Two H.264 streams in one file: a small one (48x32) first, a larger one (64x48) second."""
+    with av.open(str(path), "w") as container:
+        streams = []
+        for width, height in ((48, 32), (64, 48)):
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            streams.append(stream)
+        for i in range(frames):
+            for k, stream in enumerate(streams):
+                frame = av.VideoFrame.from_ndarray(picture(i + 7 * k, frames + 7 * k, stream.height, stream.width))
+                frame.pts, frame.time_base = i, Fraction(1, rate)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    return path

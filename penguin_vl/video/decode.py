@@ -16,6 +16,14 @@ timestamp the packets gave it, and the stream's last frame too (its end sets the
 slots). A stream where that fails (timestamps missing, duplicated, frames the decoder drops) is
 read again frame by frame: a first pass records the timestamps of the frames the decoder actually
 produces, a second decodes without skipping.
+
+What is read of the file is what FFmpeg 5.1's ``ffprobe``/``ffmpeg`` read, checked against them
+(``tests/test_video_ffmpeg.py``): the first video stream (the reference's filter graph input
+``[0]``), the container's start time (a Matroska/WebM container with primed audio starts at that
+audio's first packet in 5.1, see :func:`container_start`), and the frames' pixels (bit for bit,
+rotation filters included). Where 5.1's demuxer differs from the bundled one otherwise, it is not
+reproduced: an MP4 with B-frames whose packets 5.1 leaves without durations can end a frame
+earlier there (docs/cli.md lists the cases).
 """
 
 from __future__ import annotations
@@ -106,15 +114,10 @@ def open_source(path: str) -> Source:
             if not videos:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
-            # the command line's choice: the largest picture, the default stream first among equals
-            stream = max(
-                videos,
-                key=lambda s: (
-                    (s.codec_context.width * s.codec_context.height)
-                    + 5_000_000 * bool(s.disposition & av.stream.Disposition.default)
-                ),
-            )
-            first = container.streams.video[0]
+            # the reference's filter graph reads input "[0]": the file's first video stream (a cover
+            # picture stored as one is not taken: such a file is audio)
+            stream = videos[0]
+            first = container.streams.video[0]  # ffprobe's first video stream gives the start time
             start = 0.0
             if first.start_time is not None:
                 start = _printed(first.start_time * (first.time_base.numerator / first.time_base.denominator))

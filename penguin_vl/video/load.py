@@ -5,6 +5,16 @@ grows with the video (the plan holds two integers per source frame, the key-fram
 patches). Video files are planned from their packets (:mod:`penguin_vl.video.timing`) and decoded
 selectively (:mod:`penguin_vl.video.decode`); GIFs and folders read only the frames the reference
 keeps.
+
+Checked against the reference's decoders themselves (``tests/test_video_ffmpeg.py``: FFmpeg 5.1's
+command line as the reference runs it, decord 0.6 for windows under a second): ``-ss``/``-t``
+trimming (windows before the stream, inside a GOP, off frame boundaries, past the end; ``-ss``
+counted from the container's start, sic), rates such as 0.5 and 2.5, late-starting streams,
+B-frames, rotation (the quarter-turn sic included), and the copies of the first frame the command
+line's constant-rate output writes when the first sampled slot is not the window's first. Frames
+are bit for bit and timestamps equal, except for the cases docs/cli.md lists (an MP4 that FFmpeg
+5.1 demuxes without packet durations; decord's corrupt open-GOP seeks and its failure on quarter
+turns; ``start == end``, refused here).
 """
 
 from __future__ import annotations
