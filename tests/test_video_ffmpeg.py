@@ -111,6 +111,9 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             audio_codec="libopus",
         ),
         "aac_first": make_video(d / "aac_first.mkv", frames=50, times=lambda i: 0.75 + i / 30, audio_first=0.75),
+        "hevc_aac": make_video(
+            d / "hevc_aac.mp4", codec="libx265", frames=60, options={"x265-params": "log-level=none"}, audio_first=0.0
+        ),
         "odd": make_video(d / "odd.mkv", codec="ffv1", size=(97, 55), frames=45, rate=24),
     }
     videos["rot270"] = with_rotation(videos["bframes"], d / "rot270.mp4", 90)
@@ -119,7 +122,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 LIVE = [
     (name, {"fps": fps, "start": start, "end": end})
-    for name in ("bframes", "open_gops", "vfr", "late", "audio_first", "opus_first", "aac_first", "rot270")
+    for name in ("bframes", "open_gops", "vfr", "late", "audio_first", "opus_first", "aac_first", "hevc_aac", "rot270")
     for fps in (0.5, 1.0, 2.5, 7.0)
     for start, end in ((None, None), (0.37, 2.05), (1.0, None), (None, 2.55), (0.0, 9.0))
 ] + [("odd", {"fps": 4.0}), ("bframes", {"fps": 40.0, "start": 0.52}), ("vfr", {"fps": 30.0, "start": 1.01})]
