@@ -38,11 +38,12 @@ def make_video(
     pix_fmt: str = "yuv420p",
     times: Callable[[int], float] | None = None,
     audio_first: float | None = None,
+    audio_codec: str = "aac",
     options: dict[str, str] | None = None,
 ) -> Path:
     """Write ``frames`` pictures; ``times(i)`` gives frame i's time in seconds (variable frame rate,
-    a late start), else ``i / rate``. ``audio_first`` adds a silent audio stream starting that many
-    seconds before the video."""
+    a late start), else ``i / rate``. ``audio_first`` adds a silent audio stream (``audio_codec``)
+    starting that many seconds before the video."""
     width, height = size
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
@@ -53,12 +54,13 @@ def make_video(
         stream.codec_context.time_base = time_base
         audio = None
         if audio_first is not None:
-            audio = container.add_stream("aac", rate=8000, layout="mono")
+            audio = container.add_stream(audio_codec, rate=8000, layout="mono")
         if audio is not None:
-            samples = np.zeros((1, 1024), dtype=np.float32)
+            planar = audio_codec == "aac"  # the encoder's sample format: float planar, else s16
+            samples = np.zeros((1, 1024), dtype=np.float32 if planar else np.int16)
             start = (times(0) if times else 0.0) - audio_first
             for k in range(int((frames / rate + audio_first) * 8000 / 1024) + 1):
-                chunk = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+                chunk = av.AudioFrame.from_ndarray(samples, format="fltp" if planar else "s16", layout="mono")
                 chunk.sample_rate, chunk.time_base = 8000, Fraction(1, 8000)
                 chunk.pts = round(start * 8000) + k * 1024
                 for packet in audio.encode(chunk):
@@ -88,3 +90,23 @@ def with_rotation(src: Path, dst: Path, degrees: float) -> Path:
                 packet.stream = out
                 target.mux(packet)
     return dst
+
+
+def two_videos(path: Path, *, frames: int = 24, rate: int = 24) -> Path:
+    """Two H.264 streams in one file: a small one (48x32) first, a larger one (64x48) second."""
+    with av.open(str(path), "w") as container:
+        streams = []
+        for width, height in ((48, 32), (64, 48)):
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            streams.append(stream)
+        for i in range(frames):
+            for k, stream in enumerate(streams):
+                frame = av.VideoFrame.from_ndarray(picture(i + 7 * k, frames + 7 * k, stream.height, stream.width))
+                frame.pts, frame.time_base = i, Fraction(1, rate)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    return path

@@ -16,6 +16,14 @@ timestamp the packets gave it, and the stream's last frame too (its end sets the
 slots). A stream where that fails (timestamps missing, duplicated, frames the decoder drops) is
 read again frame by frame: a first pass records the timestamps of the frames the decoder actually
 produces, a second decodes without skipping.
+
+What is read of the file is what FFmpeg 5.1's ``ffprobe``/``ffmpeg`` read, checked against them
+(``tests/test_video_ffmpeg.py``): the first video stream (the reference's filter graph input
+``[0]``), the container's start time (a Matroska/WebM container with primed audio starts at that
+audio's first packet in 5.1, see :func:`container_start`), and the frames' pixels (bit for bit,
+rotation filters included). Where 5.1's demuxer differs from the bundled one otherwise, it is not
+reproduced: an MP4 with B-frames whose packets 5.1 leaves without durations can end a frame
+earlier there (docs/cli.md lists the cases).
 """
 
 from __future__ import annotations
@@ -32,12 +40,22 @@ try:
 except ImportError:  # a declared dependency; an environment without it reads GIFs and folders, not files
     av = None
 
-from penguin_vl.video.timing import Timeline
+from penguin_vl.video.timing import Timeline, rescale
 
-__all__ = ["Mismatch", "Source", "VideoError", "decode_picked", "frame_timeline", "open_source", "packet_timeline"]
+__all__ = [
+    "Mismatch",
+    "Source",
+    "VideoError",
+    "container_start",
+    "decode_picked",
+    "frame_timeline",
+    "open_source",
+    "packet_timeline",
+]
 
 # decoders whose non-reference frames no other frame needs (skip_frame=NONREF leaves the rest intact)
 _SKIP_NONREF = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+_MICROSECOND = Fraction(1, 1_000_000)
 
 
 class VideoError(ValueError):
@@ -68,6 +86,24 @@ def _printed(seconds: float) -> float:
     return float(f"{seconds:f}")
 
 
+def container_start(container: av.container.InputContainer) -> int:
+    """The container's start time (microseconds) as FFmpeg 5.1, the version the reference was checked
+    with, has it: the earliest stream start. In Matroska/WebM, 5.1 starts an audio stream at its
+    first packet, encoder priming included (an Opus or AAC stream begins a few ms before 0), where the
+    bundled FFmpeg starts it after the priming; the command line shifts every frame by this time."""
+    start = container.start_time or 0
+    if "matroska" not in container.format.name or not container.streams.audio:
+        return start
+    audio = {s.index for s in container.streams.audio}
+    for packet in container.demux(*container.streams.audio):
+        if packet.pts is not None and packet.stream.index in audio:
+            audio.discard(packet.stream.index)
+            start = min(start, rescale(packet.pts, Fraction(packet.stream.time_base), _MICROSECOND))
+        if not audio:
+            break
+    return start
+
+
 def open_source(path: str) -> Source:
     """Open ``path`` and pick the stream the command line would decode."""
     if av is None:
@@ -78,15 +114,10 @@ def open_source(path: str) -> Source:
             if not videos:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise VideoError(f"{path}: no video stream (streams: {', '.join(kinds)})")
-            # the command line's choice: the largest picture, the default stream first among equals
-            stream = max(
-                videos,
-                key=lambda s: (
-                    (s.codec_context.width * s.codec_context.height)
-                    + 5_000_000 * bool(s.disposition & av.stream.Disposition.default)
-                ),
-            )
-            first = container.streams.video[0]
+            # the reference's filter graph reads input "[0]": the file's first video stream (a cover
+            # picture stored as one is not taken: such a file is audio)
+            stream = videos[0]
+            first = container.streams.video[0]  # ffprobe's first video stream gives the start time
             start = 0.0
             if first.start_time is not None:
                 start = _printed(first.start_time * (first.time_base.numerator / first.time_base.denominator))
@@ -95,7 +126,7 @@ def open_source(path: str) -> Source:
                 path=path,
                 stream_index=stream.index,
                 time_base=Fraction(stream.time_base.numerator, stream.time_base.denominator),
-                container_start_us=container.start_time or 0,
+                container_start_us=container_start(container),
                 probe_start=start,
                 probe_duration=duration,
                 average_rate=float(stream.average_rate) if stream.average_rate else None,

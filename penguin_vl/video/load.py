@@ -5,6 +5,17 @@ grows with the video (the plan holds two integers per source frame, the key-fram
 patches). Video files are planned from their packets (:mod:`penguin_vl.video.timing`) and decoded
 selectively (:mod:`penguin_vl.video.decode`); GIFs and folders read only the frames the reference
 keeps.
+
+Checked against the reference's decoders themselves (``tests/test_video_ffmpeg.py``: FFmpeg 5.1's
+command line as the reference runs it, decord 0.6 for windows under a second): ``-ss``/``-t``
+trimming (windows before the stream, inside a GOP, off frame boundaries, past the end; ``-ss``
+counted from the container's start, sic), rates such as 0.5 and 2.5, late-starting streams,
+B-frames, rotation (the quarter-turn sic included), and the copies of the first frame the command
+line's constant-rate output writes when the first sampled slot is not the window's first. Frames
+are bit for bit and timestamps equal, except for the cases docs/cli.md lists (an MP4 that FFmpeg
+5.1 demuxes without packet durations; a trimmed MPEG-4 Part 2 AVI with B-frames, whose first GOP
+5.1 decodes differently after its seek; timestamps where the reference's run out before its frames;
+decord's corrupt open-GOP seeks and its failure on quarter turns; ``start == end``, refused here).
 """
 
 from __future__ import annotations
@@ -19,7 +30,16 @@ from PIL import Image, ImageOps
 from penguin_vl.video.decode import Mismatch, Source, VideoError, decode_picked, frame_timeline, open_source
 from penguin_vl.video.decode import packet_timeline as _packet_timeline
 from penguin_vl.video.keyframes import KeyFrameTyper
-from penguin_vl.video.timing import Timeline, cli_microseconds, d2q, fps_slots, index_sample, thin, trim_window
+from penguin_vl.video.timing import (
+    Timeline,
+    cfr_slots,
+    cli_microseconds,
+    d2q,
+    fps_slots,
+    index_sample,
+    thin,
+    trim_window,
+)
 
 __all__ = ["VIDEO_SUFFIXES", "Video", "VideoError", "check_sampling", "is_video_file", "load_video"]
 
@@ -188,9 +208,11 @@ def _video_file(source: Source, fps: float, max_frames: int, start: float | None
             offset_us += cli_microseconds(first)
             duration_us = cli_microseconds(duration)
         kept, pts, stream_end = trim_window(timeline, source.time_base, offset_us, duration_us)
-        slots = fps_slots(pts, stream_end, source.time_base, d2q(fps))
+        rate = d2q(fps)
+        slots = fps_slots(pts, stream_end, source.time_base, rate)
         if len(slots) == 0:
             raise VideoError(f"{source.path}: no frames at fps={fps} in the asked window (start={start}, end={end})")
+        slots = cfr_slots(slots, int(pts[0]), source.time_base, rate)
         keep = thin(len(slots), max_frames)
         picks = kept[slots[keep]]
         step = 1 / fps

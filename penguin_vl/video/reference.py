@@ -2,8 +2,9 @@
 
 Every frame is decoded and pushed through a libavfilter graph built as the ``ffmpeg`` command line
 builds it (input time offset, ``trim`` for ``-ss``/``-t``, ``fps=<fps>:round=down``,
-``format=rgb24``), every sampled frame is held, then thinned with ``linspace``; key frames are typed
-with the reference's algorithm: all frames resized at once, and at every comparison both frames
+``format=rgb24``), the copies its constant-rate raw output adds at the start are added, every
+sampled frame is held, then thinned with ``linspace``; key frames are typed with the reference's
+algorithm: all frames resized at once, and at every comparison both frames
 converted to HSV with OpenCV and cut into patches again. OpenCV is imported only here: it is not a
 dependency of the package. Where it is not installed, the HSV conversion is the package's own
 (:func:`penguin_vl.video.rgb_to_hsv`, equal to OpenCV's for every colour where both run); folders
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from penguin_vl.video.decode import container_start
 from penguin_vl.video.keyframes import rgb_to_hsv
 
 __all__ = ["reference_frame_types", "reference_load_video", "reference_smart_resize"]
@@ -113,12 +115,17 @@ def _fps_graph(first: av.VideoFrame, fps: float, duration_us: int | None) -> av.
 def _drain(graph: av.filter.Graph, out: list[np.ndarray]) -> None:
     while True:
         try:
-            out.append(graph.pull().to_ndarray())
+            frame = graph.pull()
         except (av.BlockingIOError, av.EOFError):
             return
+        # the command line writes its raw output at a constant rate from time 0 (-vsync cfr): a
+        # first frame k periods in is written k + 1 times (its pts counts periods of 1/fps)
+        out.extend([frame.to_ndarray()] * (1 + max(frame.pts, 0) if not out else 1))
 
 
 def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None):
+    with av.open(path) as container:
+        container_start_us = container_start(container)
     with av.open(path) as container:
         stream = container.streams.video[0]
         height, width = stream.codec_context.height, stream.codec_context.width
@@ -132,7 +139,7 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
             first_time = moved
         if end is not None:
             duration = min(duration, end - first_time)
-        offset_us = (container.start_time or 0) + (_cli_microseconds(first_time) if trim else 0)
+        offset_us = container_start_us + (_cli_microseconds(first_time) if trim else 0)
         exact = offset_us * Fraction(1, 1_000_000) / Fraction(tb.numerator, tb.denominator)
         shift = math.floor(abs(exact) + Fraction(1, 2)) * (1 if exact >= 0 else -1)
         graph, frames = None, []
@@ -174,8 +181,16 @@ def _index_frames(path: str, fps: float, max_frames: int, start, end):
         with av.open(path) as container:
             stream = container.streams.video[0]
             vid_fps = float(stream.average_rate)
-            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            decoded, turn = [], 0
+            for frame in container.decode(stream):
+                turn = -round(frame.rotation or 0) % 360
+                decoded.append(frame.to_ndarray(format="rgb24"))
             count = len(decoded)
+        # decord (0.6) turns a half-turned video upright and fails on a quarter turn
+        if turn in (90, 270):
+            raise RuntimeError(f"{path}: decord cannot read the frames of a video turned {turn} degrees")
+        if turn == 180:
+            decoded = [np.ascontiguousarray(rgb[::-1, ::-1]) for rgb in decoded]
     f_start = 0 if start is None else max(int(start * vid_fps) - 1, 0)
     f_end = count - 1 if end is None else min(int(end * vid_fps) - 1, count - 1)
     indices = list(range(f_start, f_end + 1))

@@ -13,6 +13,8 @@ reproduce, in integer arithmetic on the stream's time base:
   its duration;
 - the ``fps`` filter: every timestamp rescaled to the output rate rounding down, one output per slot
   from the first frame's slot to the end-of-stream slot, each the latest frame at or before it;
+- the command line's constant-rate output (``-f rawvideo`` after ``-filter_complex``): output time
+  starts at 0, so when the first slot is k > 0 its frame is written k + 1 times;
 - the reference's own rules for folders of frames and GIFs (``frame_sample``), which ignore time.
 """
 
@@ -29,6 +31,7 @@ __all__ = [
     "Timeline",
     "cli_microseconds",
     "d2q",
+    "cfr_slots",
     "fps_slots",
     "index_sample",
     "rescale",
@@ -156,6 +159,22 @@ def fps_slots(pts: np.ndarray, end: int, time_base: Fraction, rate: Fraction) ->
         k = np.arange(slot[0], max(last, int(slot[-1])), dtype=np.int64)
         return np.searchsorted(slot, k, side="right") - 1
     return _fps_slots_sequential(slot.tolist(), last)
+
+
+def cfr_slots(slots: np.ndarray, first_pts: int, time_base: Fraction, rate: Fraction) -> np.ndarray:
+    """The frames the command line writes for the ``fps`` filter's ``slots`` (its output, in order).
+
+    A raw-video output has no timestamps, so ``ffmpeg`` 5.1 syncs it at a constant rate from time 0
+    (``-vsync cfr``; an output of ``-filter_complex`` has no input stream, so never the variant that
+    skips initial duplicates): a first output at slot k > 0 is written k + 1 times. This happens
+    when the window's first frame is a slot or more after its start: a video stream starting after
+    the container's start (an audio stream before it), or ``-ss`` at a rate above the stream's.
+    ``first_pts`` is the first frame's time as the filter sees it (after the input offset).
+    """
+    lead = rescale(first_pts, time_base, 1 / rate, down=True)
+    if len(slots) == 0 or lead <= 0:
+        return slots
+    return np.concatenate([np.repeat(slots[:1], lead), slots])
 
 
 def _fps_slots_sequential(slot: list[int], last: int) -> np.ndarray:
