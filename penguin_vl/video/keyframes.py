@@ -248,7 +248,8 @@ class KeyFrameTyper:
         if self._key is None:
             return self._keep_key(cut)
         total, count = self._counts.tolist()
-        if close_count:
+        # the patches near the threshold need the reference's float ops only where they can tip the frame
+        if close_count and _share_below(count, total) != _share_below(count + close_count, total):
             close = self._close[:close_count]
             a = torch.from_numpy(self._key.reshape(-1, cut.shape[-1])[close].astype(np.float32))
             b = torch.from_numpy(cut.reshape(-1, cut.shape[-1])[close].astype(np.float32))

@@ -371,6 +371,17 @@ int64_t penguin_keyframe_work_bytes(int32_t width, int32_t out_w, int32_t h_taps
 
 static void dots(const uint8_t *restrict a, const uint8_t *restrict b, int32_t length, int32_t *ab, int32_t *bb) {
     int32_t sum_ab = 0, sum_bb = 0, k = 0;
+#ifdef __AVX512BW__
+    __m512i wide_ab = _mm512_setzero_si512(), wide_bb = _mm512_setzero_si512();
+    for (; k + 32 <= length; k += 32) {
+        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(a + k)));
+        const __m512i y = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + k)));
+        wide_ab = _mm512_add_epi32(wide_ab, _mm512_madd_epi16(x, y));
+        wide_bb = _mm512_add_epi32(wide_bb, _mm512_madd_epi16(y, y));
+    }
+    sum_ab += _mm512_reduce_add_epi32(wide_ab);
+    sum_bb += _mm512_reduce_add_epi32(wide_bb);
+#endif
 #ifdef __AVX2__
     /* bytes widened to 16 bits, products summed in pairs into 32 bits (exact: 2 * 255^2 fits) */
     __m256i acc_ab = _mm256_setzero_si256(), acc_bb = _mm256_setzero_si256();
