@@ -197,6 +197,19 @@ static inline void store_bytes(uint8_t *out, __m256 a, __m256 b, __m256 c, __m25
 
 static void vertical_floats(const float *const *rows, int32_t count, const float *w, int32_t n, uint8_t *out) {
     int32_t x = 0;
+#ifdef __AVX512F__
+    for (; x + 64 <= n; x += 64) {
+        __m512 acc[4];
+        const __m512 w0 = _mm512_set1_ps(w[0]);
+        for (int u = 0; u < 4; u++) acc[u] = _mm512_mul_ps(_mm512_loadu_ps(rows[0] + x + 16 * u), w0);
+        for (int32_t k = 1; k < count; k++) {
+            const __m512 wk = _mm512_set1_ps(w[k]);
+            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[k] + x + 16 * u), wk, acc[u]);
+        }
+        for (int u = 0; u < 4; u++)
+            _mm_storeu_si128((__m128i *)(out + x + 16 * u), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(acc[u])));
+    }
+#endif
 #ifdef __AVX2__
     for (; x + 32 <= n; x += 32) {
         __m256 acc[4];
@@ -220,6 +233,25 @@ static void vertical_bytes(const uint8_t *src, int64_t stride, int32_t first, in
                            uint8_t *out) {
     const uint8_t *row = src + first * stride;
     int32_t x = 0;
+#ifdef __AVX512F__
+    for (; x + 64 <= n; x += 64) {
+        __m512 acc[4];
+        const __m512 w0 = _mm512_set1_ps(w[0]);
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + x + 16 * u)))), w0);
+        for (int32_t k = 1; k < count; k++) {
+            const __m512 wk = _mm512_set1_ps(w[k]);
+            const uint8_t *r = row + k * stride + x;
+            for (int u = 0; u < 4; u++)
+                acc[u] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * u)))), wk,
+                    acc[u]);
+        }
+        for (int u = 0; u < 4; u++)
+            _mm_storeu_si128((__m128i *)(out + x + 16 * u), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(acc[u])));
+    }
+#endif
 #ifdef __AVX2__
     for (; x + 32 <= n; x += 32) {
         __m256 acc[4];
