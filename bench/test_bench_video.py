@@ -104,7 +104,7 @@ def test_key_frame_typing(benchmark, one_thread, clips, name):
         typed,
         [(frames,)],
         baselines={"reference": reference_frame_types},
-        rounds=5,
+        rounds=15,
         info={"clip": name, "frames": len(frames), "key_frames": types.count(0)},
     )
 
