@@ -68,6 +68,8 @@ def test_cpu_bench_rotates_inputs_and_times_baselines():
     assert base_calls == [0, 0, 1, 2, 0, 1, 2]
     assert result.info["rounds"] == 6 and result.info["timer"] == "perf_counter"
     assert result.seconds > 0 and "speedup_vs_slow" in b.extra_info and "tflops" in b.extra_info
+    info = b.extra_info
+    assert math.isclose(info["speedup_vs_slow_best"], info["baseline_slow_ms_min"] / info["time_ms_min"])
 
 
 def test_disabled_benchmark_runs_once_untimed():
