@@ -411,6 +411,14 @@ static void dots(const uint8_t *restrict a, const uint8_t *restrict b, int32_t l
         wide_ab = _mm512_add_epi32(wide_ab, _mm512_madd_epi16(x, y));
         wide_bb = _mm512_add_epi32(wide_bb, _mm512_madd_epi16(y, y));
     }
+    if (k < length) { /* the last values, the lanes past the patch loaded as zeros */
+        const __mmask32 tail = (__mmask32)((1ull << (length - k)) - 1);
+        const __m512i x = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(tail, a + k));
+        const __m512i y = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(tail, b + k));
+        wide_ab = _mm512_add_epi32(wide_ab, _mm512_madd_epi16(x, y));
+        wide_bb = _mm512_add_epi32(wide_bb, _mm512_madd_epi16(y, y));
+        k = length;
+    }
     sum_ab += _mm512_reduce_add_epi32(wide_ab);
     sum_bb += _mm512_reduce_add_epi32(wide_bb);
 #endif
