@@ -185,8 +185,21 @@ static void resample_permute(const uint8_t *const row[LANES], int32_t rows, int3
 }
 #endif
 
-/* one output row of the vertical pass from `count` rows of n floats (or bytes), truncated to uint8 */
+/* One output row of the vertical pass, truncated to uint8: rows[k] * w[k] summed over `count` rows of
+ * n values, floats or (`bytes`) uint8. The loads are the only difference between the two kinds; the
+ * compiler makes a copy of each loop per kind (the test is the same for the whole call). */
+#ifdef __AVX512F__
+static inline __m512 load16(const void *row, int32_t x, int bytes) {
+    return bytes ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)row + x))))
+                 : _mm512_loadu_ps((const float *)row + x);
+}
+#endif
 #ifdef __AVX2__
+static inline __m256 load8(const void *row, int32_t x, int bytes) {
+    return bytes ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)row + x))))
+                 : _mm256_loadu_ps((const float *)row + x);
+}
+
 static inline void store_bytes(uint8_t *out, __m256 a, __m256 b, __m256 c, __m256 d) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i ab = _mm256_packus_epi32(_mm256_cvttps_epi32(a), _mm256_cvttps_epi32(b));
@@ -195,58 +208,20 @@ static inline void store_bytes(uint8_t *out, __m256 a, __m256 b, __m256 c, __m25
 }
 #endif
 
-static void vertical_floats(const float *const *rows, int32_t count, const float *w, int32_t n, uint8_t *out) {
-    int32_t x = 0;
-#ifdef __AVX512F__
-    for (; x + 64 <= n; x += 64) {
-        __m512 acc[4];
-        const __m512 w0 = _mm512_set1_ps(w[0]);
-        for (int u = 0; u < 4; u++) acc[u] = _mm512_mul_ps(_mm512_loadu_ps(rows[0] + x + 16 * u), w0);
-        for (int32_t k = 1; k < count; k++) {
-            const __m512 wk = _mm512_set1_ps(w[k]);
-            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[k] + x + 16 * u), wk, acc[u]);
-        }
-        for (int u = 0; u < 4; u++)
-            _mm_storeu_si128((__m128i *)(out + x + 16 * u), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(acc[u])));
-    }
-#endif
-#ifdef __AVX2__
-    for (; x + 32 <= n; x += 32) {
-        __m256 acc[4];
-        const __m256 w0 = _mm256_broadcast_ss(w);
-        for (int u = 0; u < 4; u++) acc[u] = _mm256_mul_ps(_mm256_loadu_ps(rows[0] + x + 8 * u), w0);
-        for (int32_t k = 1; k < count; k++) {
-            const __m256 wk = _mm256_broadcast_ss(w + k);
-            for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[k] + x + 8 * u), wk, acc[u]);
-        }
-        store_bytes(out + x, acc[0], acc[1], acc[2], acc[3]);
-    }
-#endif
-    for (; x < n; x++) {
-        float a = rows[0][x] * w[0];
-        for (int32_t k = 1; k < count; k++) a = fmaf(rows[k][x], w[k], a);
-        out[x] = (uint8_t)(int32_t)a;
-    }
+static inline float load1(const void *row, int32_t x, int bytes) {
+    return bytes ? (float)((const uint8_t *)row)[x] : ((const float *)row)[x];
 }
 
-static void vertical_bytes(const uint8_t *src, int64_t stride, int32_t first, int32_t count, const float *w, int32_t n,
-                           uint8_t *out) {
-    const uint8_t *row = src + first * stride;
+static void vertical(const void *const *rows, int bytes, int32_t count, const float *w, int32_t n, uint8_t *out) {
     int32_t x = 0;
 #ifdef __AVX512F__
     for (; x + 64 <= n; x += 64) {
         __m512 acc[4];
         const __m512 w0 = _mm512_set1_ps(w[0]);
-        for (int u = 0; u < 4; u++)
-            acc[u] = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + x + 16 * u)))), w0);
+        for (int u = 0; u < 4; u++) acc[u] = _mm512_mul_ps(load16(rows[0], x + 16 * u, bytes), w0);
         for (int32_t k = 1; k < count; k++) {
             const __m512 wk = _mm512_set1_ps(w[k]);
-            const uint8_t *r = row + k * stride + x;
-            for (int u = 0; u < 4; u++)
-                acc[u] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r + 16 * u)))), wk,
-                    acc[u]);
+            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(load16(rows[k], x + 16 * u, bytes), wk, acc[u]);
         }
         for (int u = 0; u < 4; u++)
             _mm_storeu_si128((__m128i *)(out + x + 16 * u), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(acc[u])));
@@ -256,23 +231,17 @@ static void vertical_bytes(const uint8_t *src, int64_t stride, int32_t first, in
     for (; x + 32 <= n; x += 32) {
         __m256 acc[4];
         const __m256 w0 = _mm256_broadcast_ss(w);
-        for (int u = 0; u < 4; u++)
-            acc[u] = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + x + 8 * u)))), w0);
+        for (int u = 0; u < 4; u++) acc[u] = _mm256_mul_ps(load8(rows[0], x + 8 * u, bytes), w0);
         for (int32_t k = 1; k < count; k++) {
             const __m256 wk = _mm256_broadcast_ss(w + k);
-            const uint8_t *r = row + k * stride + x;
-            for (int u = 0; u < 4; u++)
-                acc[u] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(r + 8 * u)))), wk,
-                    acc[u]);
+            for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(load8(rows[k], x + 8 * u, bytes), wk, acc[u]);
         }
         store_bytes(out + x, acc[0], acc[1], acc[2], acc[3]);
     }
 #endif
     for (; x < n; x++) {
-        float a = (float)row[x] * w[0];
-        for (int32_t k = 1; k < count; k++) a = fmaf((float)row[k * stride + x], w[k], a);
+        float a = load1(rows[0], x, bytes) * w[0];
+        for (int32_t k = 1; k < count; k++) a = fmaf(load1(rows[k], x, bytes), w[k], a);
         out[x] = (uint8_t)(int32_t)a;
     }
 }
@@ -498,7 +467,7 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
                                  double margin, int64_t *counts, int64_t *close) {
     Tally tally = {key, key_squares, squares, close, threshold, margin, 0, 0, 0};
     const int32_t out_n = 3 * out_w, ring = v_taps + LANES;
-    const int horizontal = width != out_w, vertical = height != out_h;
+    const int horizontal = width != out_w, vertical_pass = height != out_h;
     float *mid = (float *)work;                       /* ring of rows after the horizontal pass, interleaved */
     float *block = mid + (int64_t)ring * out_n;       /* lane path: [width][3][LANES] */
     float *done = block + (int64_t)LANES * 3 * width; /* lane path: [out_w][3][LANES] */
@@ -506,7 +475,7 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
     uint8_t *planes = rgb + out_n + 64;                        /* the same, [3][out_w] */
     uint8_t *hsv = planes + out_n + 64;                        /* [3][out_w] */
     const int64_t bytes_used = (hsv + out_n + 64) - work;
-    const float **taps = (const float **)(work + (bytes_used + 63) / 64 * 64); /* the vertical pass's rows */
+    const void **taps = (const void **)(work + (bytes_used + 63) / 64 * 64); /* the vertical pass's rows */
     int32_t *table = (int32_t *)(taps + v_taps); /* the permute path's indices and weights */
     const int32_t grid_w = out_w / PATCH, area = PATCH * PATCH;
 #ifdef __AVX512F__
@@ -517,7 +486,7 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
 #endif
     int32_t made = 0; /* rows of the horizontal pass made so far */
     for (int32_t i = 0; i < out_h; i++) {
-        const int32_t first = vertical ? v_first[i] : i, count = vertical ? v_count[i] : 1;
+        const int32_t first = vertical_pass ? v_first[i] : i, count = vertical_pass ? v_count[i] : 1;
         /* the rows first .. made + LANES - 1 are at most count + LANES - 1 < ring: none is overwritten */
         while (horizontal && made < first + count) {
             const int32_t rows = height - made < LANES ? height - made : LANES;
@@ -544,9 +513,10 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
         if (horizontal) {
             static const float unit = 1.0f; /* no vertical pass: the row is truncated as it is */
             for (int32_t k = 0; k < count; k++) taps[k] = mid + (int64_t)((first + k) % ring) * out_n;
-            vertical_floats(taps, count, vertical ? v_weights + (int64_t)i * v_taps : &unit, out_n, rgb);
-        } else if (vertical) {
-            vertical_bytes(src, stride, first, count, v_weights + (int64_t)i * v_taps, out_n, rgb);
+            vertical(taps, 0, count, vertical_pass ? v_weights + (int64_t)i * v_taps : &unit, out_n, rgb);
+        } else if (vertical_pass) {
+            for (int32_t k = 0; k < count; k++) taps[k] = src + (first + k) * stride;
+            vertical(taps, 1, count, v_weights + (int64_t)i * v_taps, out_n, rgb);
         } else {
             px = src + i * stride;
         }
