@@ -23,10 +23,10 @@
  * The HSV conversion takes 16 pixels a step with AVX-512, 8 with AVX2, in int32 lanes with the
  * reciprocals computed rather than read from OpenCV's tables (no gathers); and each band of 14 rows
  * of patches is compared with the key frame's as soon as it is cut, while it is still in cache.
- * Measured on one core of this project's CPU (AMD EPYC, Zen 4; another job on the second core),
- * best of 40 passes over 8 frames, comparison not included: a 608x342 frame ~0.35 ms with AVX-512
- * (~0.41 ms with AVX2 only; 0.62 ms for the whole-frame passes this replaced), a 854x480 frame
- * (vertical pass only) ~0.49 ms (AVX2 0.53, before 0.80). Without AVX2 the same arithmetic runs in
+ * Measured on one core of this project's CPU (AMD EPYC, Zen 4; other jobs on the second core),
+ * best of 40 passes over 8 frames, comparison not included: a 608x342 frame ~0.33 ms with AVX-512
+ * (~0.40 ms with AVX2 only; 0.62 ms for the whole-frame passes this replaced), a 854x480 frame
+ * (vertical pass only) ~0.47 ms (AVX2 ~0.50, before 0.80). Without AVX2 the same arithmetic runs in
  * plain C loops, ~4.5 ms a frame.
  */
 #ifdef __AVX2__
