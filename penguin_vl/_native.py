@@ -78,7 +78,8 @@ def _compiler() -> list[str] | None:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing"]
+    # no contraction: the kernels reproduce other libraries' float operations one rounding at a time
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off"]
     # The vector loops are written for the compiler's auto-vectoriser: widen them where the CPU can.
     # torch's dispatch level names what this CPU runs (not -march=native: a shared cache may serve others).
     level = torch.backends.cpu.get_cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else ""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from penguin_vl import _native
 from penguin_vl.video import KeyFrameTyper, _compiled, rgb_to_hsv
-from penguin_vl.video.keyframes import _resize_taps, _torch_fuses_taps, key_frame_size
+from penguin_vl.video.keyframes import _resize_taps, _torch_sums_taps_as_kernel, key_frame_size
 from penguin_vl.video.reference import reference_frame_types, reference_smart_resize
 from tests.video_samples import picture
 
@@ -127,10 +127,11 @@ def test_comb_taps_equal_identity_taps(size_in: int, size_out: int) -> None:
         assert np.array_equal(got, want)
 
 
-def test_this_torch_sums_few_taps_fused() -> None:
+def test_this_torch_sums_taps_as_the_kernel() -> None:
     # the premise of the compiled resize on this machine (else every frame would take torch's resize)
-    assert _torch_fuses_taps()
-    assert not KeyFrameTyper(342, 608)._torch_resize and KeyFrameTyper(2160, 3840)._torch_resize
+    assert _torch_sums_taps_as_kernel()
+    assert not KeyFrameTyper(342, 608)._torch_resize and not KeyFrameTyper(2160, 3840)._torch_resize
+    assert KeyFrameTyper(4320, 7680)._torch_resize  # an 8K frame: seven to nine taps an output
 
 
 @pytest.mark.parametrize("level", ["plain C", "AVX2", "AVX-512"])
@@ -145,7 +146,8 @@ def test_every_vector_level_gives_the_same_patches(monkeypatch: pytest.MonkeyPat
     if needs and torch.backends.cpu.get_cpu_capability() not in needs:
         pytest.skip(f"this CPU does not run {level}")
     monkeypatch.setenv("PENGUIN_VL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_native, "_flags", lambda: ["-O3", "-std=c99", "-shared", "-fPIC", *flags[level]])
+    base = ["-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off"]
+    monkeypatch.setattr(_native, "_flags", lambda: [*base, *flags[level]])
     monkeypatch.setattr(_compiled, "_library", _compiled._build())
     rng = np.random.default_rng(11)
     # 1440x2560 is scaled by 1.36: windows too wide for the permutes, so its rows go through the lanes

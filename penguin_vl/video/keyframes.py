@@ -131,24 +131,29 @@ def _resize_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, n
     return taps_of_axis
 
 
-# torch sums an output's taps with fused multiply-adds up to this many taps; past it, its compiled loop
-# sums in other orders, which the kernel does not reproduce (such frames are resized by torch itself)
+# how torch's compiled loop sums an output's taps (on the torch builds checked): with fused
+# multiply-adds up to four taps, with a rounded product and a rounded sum each at five; past five, in
+# orders the kernel does not reproduce (such frames, 4x downscales and beyond, are resized by torch)
 _FUSED_TAPS = 4
+_KERNEL_TAPS = 5
 
 
 @functools.cache
-def _torch_fuses_taps() -> bool:
-    """Whether this torch's float32 antialiased resize sums up to ``_FUSED_TAPS`` taps with fused
-    multiply-adds, as the kernel does (its CPU kernels built without FMA instructions do not)."""
+def _torch_sums_taps_as_kernel() -> bool:
+    """Whether this torch's float32 antialiased resize sums taps as the kernel does (a build of its
+    CPU kernels without FMA instructions, for one, does not), checked on outputs of two to five taps."""
     row = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 1, 1, 97)).astype(np.float32))
-    for size in (89, 60, 50):  # outputs of two, three and four taps
+    for size in (89, 60, 50, 40):  # outputs of two to five taps
         first, count, weights = _resize_taps(97, size)
         got = F.interpolate(row, (1, size), mode="bilinear", antialias=True)[0, 0, 0].numpy()
-        x = row[0, 0, 0].numpy().astype(np.float64)
+        x = row[0, 0, 0].numpy()
         for j in range(size):
             acc = np.float32(x[first[j]] * weights[j, 0])
             for k in range(1, int(count[j])):
-                acc = np.float32(x[first[j] + k] * np.float64(weights[j, k]) + np.float64(acc))  # one rounding
+                if count[j] <= _FUSED_TAPS:  # one rounding: the float64 product of two float32 is exact
+                    acc = np.float32(np.float64(x[first[j] + k]) * np.float64(weights[j, k]) + np.float64(acc))
+                else:
+                    acc = np.float32(acc + np.float32(x[first[j] + k] * weights[j, k]))
             if acc != got[j]:
                 return False
     return True
@@ -195,7 +200,7 @@ class KeyFrameTyper:
             (hf, hc, hw), (vf, vc, vw) = self._h, self._v
             # a frame the kernel cannot resize as torch does is resized by torch, then given to the kernel
             # at its new size (both passes skipped)
-            self._torch_resize = max(hw.shape[1], vw.shape[1]) > _FUSED_TAPS or not _torch_fuses_taps()
+            self._torch_resize = max(hw.shape[1], vw.shape[1]) > _KERNEL_TAPS or not _torch_sums_taps_as_kernel()
             in_h, in_w = (rh, rw) if self._torch_resize else (height, width)
             self._frame_size = (in_h, in_w)
             size = self._lib.penguin_keyframe_work_bytes(in_w, rw, hw.shape[1], vw.shape[1])

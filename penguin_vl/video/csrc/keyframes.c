@@ -39,6 +39,27 @@
 /* the reference's patch side; rows resampled together by the lane path, one per vector lane */
 enum { PATCH = 14, LANES = 8 };
 
+/* torch's loop adds an output's taps with fused multiply-adds when it has at most FUSED_TAPS of them,
+ * and with a product and a sum, each rounded, when it has five (keyframes.py checks both on the torch
+ * it runs with, and has torch resize frames that need more) */
+enum { FUSED_TAPS = 4 };
+
+static inline float tap1(float acc, float x, float w, int fused) {
+    if (fused) return fmaf(x, w, acc);
+    const float product = x * w; /* built with -ffp-contract=off: never fused with the sum */
+    return acc + product;
+}
+#ifdef __AVX2__
+static inline __m256 tap8(__m256 acc, __m256 x, __m256 w, int fused) {
+    return fused ? _mm256_fmadd_ps(x, w, acc) : _mm256_add_ps(acc, _mm256_mul_ps(x, w));
+}
+#endif
+#ifdef __AVX512F__
+static inline __m512 tap16(__m512 acc, __m512 x, __m512 w, int fused) {
+    return fused ? _mm512_fmadd_ps(x, w, acc) : _mm512_add_ps(acc, _mm512_mul_ps(x, w));
+}
+#endif
+
 #ifdef __AVX2__
 static inline void transpose8(__m256 v[8]) {
     __m256 t[8], s[8];
@@ -97,6 +118,7 @@ static void resample_lanes(const float *block, int32_t out_w, const int32_t *fir
         const float *w = weights + (int64_t)j * taps;
         const float *in = block + (int64_t)first[j] * 3 * LANES;
         const int32_t n = count[j];
+        const int fused = n <= FUSED_TAPS;
         float *o = done + (int64_t)j * 3 * LANES;
 #ifdef __AVX2__
         const __m256 w0 = _mm256_broadcast_ss(w);
@@ -106,9 +128,9 @@ static void resample_lanes(const float *block, int32_t out_w, const int32_t *fir
         for (int32_t k = 1; k < n; k++) {
             const __m256 wk = _mm256_broadcast_ss(w + k);
             const float *p = in + k * 3 * LANES;
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p), wk, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p + LANES), wk, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p + 2 * LANES), wk, a2);
+            a0 = tap8(a0, _mm256_loadu_ps(p), wk, fused);
+            a1 = tap8(a1, _mm256_loadu_ps(p + LANES), wk, fused);
+            a2 = tap8(a2, _mm256_loadu_ps(p + 2 * LANES), wk, fused);
         }
         _mm256_storeu_ps(o, a0);
         _mm256_storeu_ps(o + LANES, a1);
@@ -116,7 +138,7 @@ static void resample_lanes(const float *block, int32_t out_w, const int32_t *fir
 #else
         for (int32_t r = 0; r < 3 * LANES; r++) {
             float acc = in[r] * w[0];
-            for (int32_t k = 1; k < n; k++) acc = fmaf(in[k * 3 * LANES + r], w[k], acc);
+            for (int32_t k = 1; k < n; k++) acc = tap1(acc, in[k * 3 * LANES + r], w[k], fused);
             o[r] = acc;
         }
 #endif
@@ -129,7 +151,7 @@ static void resample_lanes(const float *block, int32_t out_w, const int32_t *fir
  * outputs is one two-register permute and one fused multiply-add, with no transposes. The table
  * holds per group of 16 outputs: int32 base, then per tap 16 int32 lane indices and 16 float weights;
  * permute_table returns 0 where some group's inputs span more than 32 values. */
-enum { GROUP = 16, MAX_TAPS = 8 };
+enum { GROUP = 16 };
 
 static int32_t permute_table(int32_t width, int32_t out_w, const int32_t *first, const int32_t *count,
                              const float *weights, int32_t taps, int32_t *table) {
@@ -166,8 +188,8 @@ static void resample_permute(const uint8_t *const row[LANES], int32_t rows, int3
                              const int32_t *table, float *const out[LANES]) {
     const int32_t stride = 1 + taps * 2 * GROUP;
     for (int32_t q0 = 0; q0 < out_n; q0 += GROUP, table += stride) {
-        __m512i idx[MAX_TAPS];
-        __m512 wt[MAX_TAPS];
+        __m512i idx[FUSED_TAPS];
+        __m512 wt[FUSED_TAPS];
         for (int32_t k = 0; k < taps; k++) {
             idx[k] = _mm512_loadu_si512(table + 1 + k * 2 * GROUP);
             wt[k] = _mm512_loadu_ps((const float *)(table + 1 + k * 2 * GROUP + GROUP));
@@ -213,6 +235,7 @@ static inline float load1(const void *row, int32_t x, int bytes) {
 }
 
 static void vertical(const void *const *rows, int bytes, int32_t count, const float *w, int32_t n, uint8_t *out) {
+    const int fused = count <= FUSED_TAPS;
     int32_t x = 0;
 #ifdef __AVX512F__
     for (; x + 64 <= n; x += 64) {
@@ -221,7 +244,7 @@ static void vertical(const void *const *rows, int bytes, int32_t count, const fl
         for (int u = 0; u < 4; u++) acc[u] = _mm512_mul_ps(load16(rows[0], x + 16 * u, bytes), w0);
         for (int32_t k = 1; k < count; k++) {
             const __m512 wk = _mm512_set1_ps(w[k]);
-            for (int u = 0; u < 4; u++) acc[u] = _mm512_fmadd_ps(load16(rows[k], x + 16 * u, bytes), wk, acc[u]);
+            for (int u = 0; u < 4; u++) acc[u] = tap16(acc[u], load16(rows[k], x + 16 * u, bytes), wk, fused);
         }
         for (int u = 0; u < 4; u++)
             _mm_storeu_si128((__m128i *)(out + x + 16 * u), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(acc[u])));
@@ -234,14 +257,14 @@ static void vertical(const void *const *rows, int bytes, int32_t count, const fl
         for (int u = 0; u < 4; u++) acc[u] = _mm256_mul_ps(load8(rows[0], x + 8 * u, bytes), w0);
         for (int32_t k = 1; k < count; k++) {
             const __m256 wk = _mm256_broadcast_ss(w + k);
-            for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(load8(rows[k], x + 8 * u, bytes), wk, acc[u]);
+            for (int u = 0; u < 4; u++) acc[u] = tap8(acc[u], load8(rows[k], x + 8 * u, bytes), wk, fused);
         }
         store_bytes(out + x, acc[0], acc[1], acc[2], acc[3]);
     }
 #endif
     for (; x < n; x++) {
         float a = load1(rows[0], x, bytes) * w[0];
-        for (int32_t k = 1; k < count; k++) a = fmaf(load1(rows[k], x, bytes), w[k], a);
+        for (int32_t k = 1; k < count; k++) a = tap1(a, load1(rows[k], x, bytes), w[k], fused);
         out[x] = (uint8_t)(int32_t)a;
     }
 }
@@ -480,7 +503,7 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
     const int32_t grid_w = out_w / PATCH, area = PATCH * PATCH;
 #ifdef __AVX512F__
     const int permute =
-        horizontal && h_taps <= MAX_TAPS && permute_table(width, out_w, h_first, h_count, h_weights, h_taps, table);
+        horizontal && h_taps <= FUSED_TAPS && permute_table(width, out_w, h_first, h_count, h_weights, h_taps, table);
 #else
     (void)table;
 #endif
