@@ -23,7 +23,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "video_cli"
 
 
 def make_videos(folder: Path) -> None:
-    """The videos: B-frames and closed GOPs of 12, a stream starting at 1.37 s, a video starting half
+    """The videos: B-frames and closed GOPs of 12, a stream starting at 1.37 s (in Matroska, and in
+    MP4 with a millisecond codec time base), a video starting half
     a second after its (uncompressed) audio, a VP9 video after Opus audio (whose encoder priming starts
     the container before 0 for FFmpeg 5.1), a file with a small video stream before a larger one, and
     one clip under three rotation matrices."""
@@ -31,6 +32,8 @@ def make_videos(folder: Path) -> None:
     small = {"size": (64, 48), "rate": 24}
     make_video(folder / "gops.mp4", frames=72, options={"g": "12", "bf": "3"}, **small)
     make_video(folder / "late.mkv", frames=40, times=lambda i: 1.37 + i / 25, **small)
+    # H.264 with B-frames and a millisecond time base in MP4: FFmpeg 5.1 gives its packets no duration
+    make_video(folder / "late.mp4", frames=60, times=lambda i: 1.37 + i / 25, **small)
     make_video(
         folder / "audio_first.mkv",
         frames=36,
@@ -78,6 +81,8 @@ CASES = [
     ("late.mkv", {"fps": 10.0, "start": 0.5, "end": 2.5}),
     ("late.mkv", {"fps": 10.0, "start": 1.4}),
     ("late.mkv", {"fps": 2.0, "start": 1.5, "end": 2.2}),
+    ("late.mp4", {"fps": 2.5}),  # the stream ends 1 ms after its last frame: one slot fewer
+    ("late.mp4", {"fps": 2.5, "start": 1.5}),
     ("audio_first.mkv", {"fps": 1.0}),
     ("audio_first.mkv", {"fps": 2.5}),  # the first slot is one period in: written twice
     ("audio_first.mkv", {"fps": 3.0, "start": 0.2, "end": 1.7}),

@@ -98,6 +98,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "vfr": make_video(d / "vfr.mkv", frames=60, times=lambda i: float(jitter[i])),
         "late": make_video(d / "late.mkv", frames=60, times=lambda i: 0.83 + i / 30),
+        # B-frames, a millisecond codec time base: FFmpeg 5.1 gives the MP4's packets no duration
+        "late_mp4": make_video(d / "late.mp4", frames=60, rate=25, times=lambda i: 1.37 + i / 25),
         "audio_first": make_video(
             d / "audio_first.mkv", frames=50, times=lambda i: 1.1 + i / 25, audio_first=1.1, audio_codec="pcm_s16le"
         ),
@@ -122,7 +124,18 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 LIVE = [
     (name, {"fps": fps, "start": start, "end": end})
-    for name in ("bframes", "open_gops", "vfr", "late", "audio_first", "opus_first", "aac_first", "hevc_aac", "rot270")
+    for name in (
+        "bframes",
+        "open_gops",
+        "vfr",
+        "late",
+        "late_mp4",
+        "audio_first",
+        "opus_first",
+        "aac_first",
+        "hevc_aac",
+        "rot270",
+    )
     for fps in (0.5, 1.0, 2.5, 7.0)
     for start, end in ((None, None), (0.37, 2.05), (1.0, None), (None, 2.55), (0.0, 9.0))
 ] + [("odd", {"fps": 4.0}), ("bframes", {"fps": 40.0, "start": 0.52}), ("vfr", {"fps": 30.0, "start": 1.01})]

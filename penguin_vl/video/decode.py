@@ -21,9 +21,8 @@ What is read of the file is what FFmpeg 5.1's ``ffprobe``/``ffmpeg`` read, check
 (``tests/test_video_ffmpeg.py``): the first video stream (the reference's filter graph input
 ``[0]``), the container's start time (a Matroska/WebM container with primed audio starts at that
 audio's first packet in 5.1, see :func:`container_start`), and the frames' pixels (bit for bit,
-rotation filters included). Where 5.1's demuxer differs from the bundled one otherwise, it is not
-reproduced: an MP4 with B-frames whose packets 5.1 leaves without durations can end a frame
-earlier there (docs/cli.md lists the cases).
+rotation filters included), and where an H.264 MP4/MOV stream ends for 5.1's command line, which
+can be a fraction of a frame after its last frame (:func:`cli_tail_us`).
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ __all__ = [
     "Mismatch",
     "Source",
     "VideoError",
+    "cli_tail_us",
     "container_start",
     "decode_picked",
     "frame_timeline",
@@ -149,12 +149,45 @@ def _timeline(rows: list[tuple[int | None, int | None, bool]]) -> Timeline | Non
     return Timeline(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].astype(bool))
 
 
+def cli_tail_us(container: av.container.InputContainer, stream, packets: list[tuple[int, int | None]]) -> int | None:
+    """How long after its last frame FFmpeg 5.1's command line ends an MP4/MOV stream of H.264
+    (microseconds), where that is not the last frame's duration; None elsewhere.
+
+    ``packets`` are the stream's ``(pts, dts)`` in decode order. 5.1's MP4 demuxer gives a packet
+    no duration when the track has composition offsets (B-frames: some pts differ from their dts),
+    or, for the last packet of a track without, when the track's duration does not reach past its
+    time (a track starting late). libavformat then fills in one frame at the codec's rate (with a
+    parser, which 5.1 gives H.264 in MP4 but not HEVC, the stream's rate is not used): one tick
+    where the time base is coarser than a millisecond, none where the codec's rate is 1000 or more
+    (H.264 written with a millisecond time base says 1000 fps). The command line ends the stream
+    that long after the last frame, or, with no duration at all, one frame at the codec's rate
+    (microseconds, rounded down).
+    """
+    rate = stream.codec_context.framerate
+    if "mov" not in container.format.name.split(",") or stream.codec_context.name != "h264" or not rate or not packets:
+        return None
+    time_base = Fraction(stream.time_base.numerator, stream.time_base.denominator)
+    if all(pts == dts for pts, dts in packets):
+        last_dts = packets[-1][1]
+        if stream.duration is not None and last_dts is not None and stream.duration > last_dts:
+            return None  # the demuxer's own duration, the track's end: the bundled FFmpeg's too
+    if time_base.numerator * 1000 > time_base.denominator:
+        duration = 1
+    elif rate.denominator * 1000 > rate.numerator:
+        duration = time_base.denominator * rate.denominator // (rate.numerator * time_base.numerator)
+    else:
+        return 1_000_000 * rate.denominator // rate.numerator
+    return rescale(duration, time_base, _MICROSECOND)
+
+
 def packet_timeline(source: Source) -> Timeline | None:
     """Presentation-order frames from the demuxed packets, or None when the packets cannot say."""
     try:
         with av.open(source.path) as container:
             stream = container.streams[source.stream_index]
-            timeline = _timeline([(p.pts, p.duration, p.is_keyframe) for p in container.demux(stream) if p.size])
+            packets = [p for p in container.demux(stream) if p.size]
+            timeline = _timeline([(p.pts, p.duration, p.is_keyframe) for p in packets])
+            tail_us = cli_tail_us(container, stream, [(p.pts, p.dts) for p in packets])
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot read ({e})") from e
     if timeline is None:
@@ -163,7 +196,7 @@ def packet_timeline(source: Source) -> Timeline | None:
     pts = timeline.pts[order]
     if np.any(pts[1:] == pts[:-1]):
         return None
-    return Timeline(pts, timeline.duration[order], timeline.keyframe[order])
+    return Timeline(pts, timeline.duration[order], timeline.keyframe[order], tail_us)
 
 
 def _decoded(container: av.container.InputContainer, stream, skip: Callable[[av.Packet], bool] | None) -> Iterator:

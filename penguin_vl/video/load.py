@@ -13,7 +13,7 @@ counted from the container's start, sic), rates such as 0.5 and 2.5, late-starti
 B-frames, rotation (the quarter-turn sic included), and the copies of the first frame the command
 line's constant-rate output writes when the first sampled slot is not the window's first. Frames
 are bit for bit and timestamps equal, except for the cases docs/cli.md lists (an MP4 that FFmpeg
-5.1 demuxes without packet durations; a trimmed MPEG-4 Part 2 AVI with B-frames, whose first GOP
+5.1 demuxes without packet durations, HEVC only; a trimmed MPEG-4 Part 2 AVI with B-frames, whose first GOP
 5.1 decodes differently after its seek; timestamps where the reference's run out before its frames;
 decord's corrupt open-GOP seeks and its failure on quarter turns; ``start == end``, refused here).
 """

@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from penguin_vl.video.decode import container_start
+from penguin_vl.video.decode import cli_tail_us, container_start
 from penguin_vl.video.keyframes import rgb_to_hsv
+from penguin_vl.video.timing import rescale
 
 __all__ = ["reference_frame_types", "reference_load_video", "reference_smart_resize"]
+
+_MICROSECOND = Fraction(1, 1_000_000)
 
 
 def reference_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -128,6 +131,11 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
         container_start_us = container_start(container)
     with av.open(path) as container:
         stream = container.streams.video[0]
+        packets = [(p.pts, p.dts) for p in container.demux(stream) if p.size]
+        tail_us = cli_tail_us(container, stream, packets)
+        last_pts = max((pts for pts, _ in packets if pts is not None), default=None)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
         height, width = stream.codec_context.height, stream.codec_context.width
         tb = stream.time_base
         duration = float(f"{container.duration * 1e-6:f}")
@@ -144,6 +152,11 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
         shift = math.floor(abs(exact) + Fraction(1, 2)) * (1 if exact >= 0 else -1)
         graph, frames = None, []
         for frame in container.decode(stream):
+            if tail_us is not None and frame.pts == last_pts:
+                # the stream ends where FFmpeg 5.1's command line ends it, not a whole frame later
+                pts, base = frame.pts - shift, Fraction(tb.numerator, tb.denominator)
+                end_us = rescale(pts, base, _MICROSECOND) + tail_us
+                frame.duration = rescale(end_us, _MICROSECOND, base) - pts
             frame.pts -= shift
             if graph is None:
                 graph = _fps_graph(frame, fps, _cli_microseconds(duration) if trim else None)

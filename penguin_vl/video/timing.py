@@ -10,7 +10,8 @@ reproduce, in integer arithmetic on the stream's time base:
   ``-ss`` past it) and its accurate-seek ``trim`` (frames before ``-ss`` dropped; ``-t`` counted from
   the first frame kept, ending the stream at the first frame past it);
 - the end-of-stream time the command line sends into the filter graph: the last frame's time plus
-  its duration;
+  its duration (or, for an MP4 whose packets FFmpeg 5.1 leaves without one, the time its command
+  line takes instead, ``Timeline.tail_us``);
 - the ``fps`` filter: every timestamp rescaled to the output rate rounding down, one output per slot
   from the first frame's slot to the end-of-stream slot, each the latest frame at or before it;
 - the command line's constant-rate output (``-f rawvideo`` after ``-filter_complex``): output time
@@ -102,6 +103,9 @@ class Timeline:
     pts: np.ndarray  # int64 [N]
     duration: np.ndarray  # int64 [N]
     keyframe: np.ndarray | None = None  # bool [N], where the packets say which frames start a GOP
+    # microseconds from the last frame to the stream's end where FFmpeg 5.1's command line has another
+    # time than the last duration (see decode.cli_tail_us); None: the last duration
+    tail_us: int | None = None
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -138,7 +142,10 @@ def trim_window(
             return kept[: over[0]], t[kept[: over[0]]], int(t[kept[over[0]]])
     # the command line carries the end time in microseconds: last time plus duration, each rounded
     last_pts, last_duration = int(t[-1]), int(timeline.duration[-1])
-    end_us = rescale(last_pts, time_base, _MICROSECOND) + rescale(last_duration, time_base, _MICROSECOND)
+    tail_us = timeline.tail_us
+    if tail_us is None:
+        tail_us = rescale(last_duration, time_base, _MICROSECOND)
+    end_us = rescale(last_pts, time_base, _MICROSECOND) + tail_us
     return kept, t[kept], rescale(end_us, _MICROSECOND, time_base)
 
 
