@@ -28,6 +28,8 @@ import subprocess
 
 import numpy as np
 
+from penguin_vl.video.reference import reference_frame_sample
+
 __all__ = ["available", "cli_command", "cli_load_video", "decord_available", "probe"]
 
 
@@ -89,18 +91,7 @@ def _decord_window(path: str, fps: float, max_frames: int, start: float, end: fl
         end = start + 1
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=2)
     rate, count = reader.get_avg_fps(), len(reader)
-    first = max(int(start * rate) - 1, 0)
-    last = min(int(end * rate) - 1, count - 1)
-    indices = list(range(first, last + 1))
-    span = len(indices)
-    if span / rate < max_frames:
-        segment = min(rate // fps, span)
-        chosen = np.arange(segment // 2, span, segment, dtype=int)
-    elif span <= max_frames:
-        chosen = np.arange(span).astype(int)
-    else:
-        chosen = np.linspace(0, span - 1, max_frames, dtype=int)
-    sampled = [indices[i] for i in chosen]
+    sampled = reference_frame_sample(count, rate, fps, max_frames, start, end)
     frames = reader.get_batch(sampled).asnumpy()
     return frames, np.asarray([x / rate for x in sampled], dtype=np.float64)
 

@@ -185,9 +185,14 @@ def packet_timeline(source: Source) -> Timeline | None:
     try:
         with av.open(source.path) as container:
             stream = container.streams[source.stream_index]
-            packets = [p for p in container.demux(stream) if p.size]
-            timeline = _timeline([(p.pts, p.duration, p.is_keyframe) for p in packets])
-            tail_us = cli_tail_us(container, stream, [(p.pts, p.dts) for p in packets])
+            # the packets' numbers only: holding the packets would hold the whole file's bytes
+            rows, stamps = [], []
+            for p in container.demux(stream):
+                if p.size:
+                    rows.append((p.pts, p.duration, p.is_keyframe))
+                    stamps.append((p.pts, p.dts))
+            timeline = _timeline(rows)
+            tail_us = cli_tail_us(container, stream, stamps)
     except av.FFmpegError as e:
         raise VideoError(f"{source.path}: cannot read ({e})") from e
     if timeline is None:

@@ -27,7 +27,7 @@ from penguin_vl.video.decode import cli_tail_us, container_start
 from penguin_vl.video.keyframes import rgb_to_hsv
 from penguin_vl.video.timing import rescale
 
-__all__ = ["reference_frame_types", "reference_load_video", "reference_smart_resize"]
+__all__ = ["reference_frame_sample", "reference_frame_types", "reference_load_video", "reference_smart_resize"]
 
 _MICROSECOND = Fraction(1, 1_000_000)
 
@@ -174,6 +174,26 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3).copy(), timestamps
 
 
+def reference_frame_sample(
+    count: int, vid_fps: float, fps: float, max_frames: int, start: float | None, end: float | None
+) -> list[int]:
+    """The frames ``load_video_from_ids`` picks of ``count`` read at ``vid_fps``: the window's frames,
+    then ``frame_sample`` (every ``vid_fps // fps``-th from the middle of the first segment, or
+    ``linspace`` when that would pass ``max_frames``)."""
+    f_start = 0 if start is None else max(int(start * vid_fps) - 1, 0)
+    f_end = count - 1 if end is None else min(int(end * vid_fps) - 1, count - 1)
+    indices = list(range(f_start, f_end + 1))
+    duration = len(indices)
+    if duration / vid_fps < max_frames:
+        segment = min(vid_fps // fps, duration)
+        chosen = np.arange(segment // 2, duration, segment, dtype=int)
+    elif duration <= max_frames:
+        chosen = np.arange(duration).astype(int)
+    else:
+        chosen = np.linspace(0, duration - 1, max_frames, dtype=int)
+    return [indices[i] for i in chosen]
+
+
 def _index_frames(path: str, fps: float, max_frames: int, start, end):
     # load_video_from_ids: folders at 3 fps, GIFs at 25, short windows of videos at their average rate
     if start is not None and end is not None:
@@ -204,18 +224,7 @@ def _index_frames(path: str, fps: float, max_frames: int, start, end):
             raise RuntimeError(f"{path}: decord cannot read the frames of a video turned {turn} degrees")
         if turn == 180:
             decoded = [np.ascontiguousarray(rgb[::-1, ::-1]) for rgb in decoded]
-    f_start = 0 if start is None else max(int(start * vid_fps) - 1, 0)
-    f_end = count - 1 if end is None else min(int(end * vid_fps) - 1, count - 1)
-    indices = list(range(f_start, f_end + 1))
-    duration = len(indices)
-    if duration / vid_fps < max_frames:
-        segment = min(vid_fps // fps, duration)
-        chosen = np.arange(segment // 2, duration, segment, dtype=int)
-    elif duration <= max_frames:
-        chosen = np.arange(duration).astype(int)
-    else:
-        chosen = np.linspace(0, duration - 1, max_frames, dtype=int)
-    sampled = [indices[i] for i in chosen]
+    sampled = reference_frame_sample(count, vid_fps, fps, max_frames, start, end)
     if os.path.isdir(path):
         frames = [cv2.cvtColor(cv2.imread(os.path.join(path, names[i])), cv2.COLOR_BGR2RGB) for i in sampled]
     elif path.endswith(".gif"):
