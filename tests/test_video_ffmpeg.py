@@ -117,28 +117,35 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             d / "hevc_aac.mp4", codec="libx265", frames=60, options={"x265-params": "log-level=none"}, audio_first=0.0
         ),
         "odd": make_video(d / "odd.mkv", codec="ffv1", size=(97, 55), frames=45, rate=24),
+        "av1": make_video(d / "av1.mp4", codec="libsvtav1", frames=60, options={"preset": "12"}),
+        "mov": make_video(d / "bframes.mov", frames=60, options={"bf": "2"}, times=lambda i: 0.37 + i / 30),
     }
     videos["rot270"] = with_rotation(videos["bframes"], d / "rot270.mp4", 90)
     return videos
 
 
-LIVE = [
-    (name, {"fps": fps, "start": start, "end": end})
-    for name in (
-        "bframes",
-        "open_gops",
-        "vfr",
-        "late",
-        "late_mp4",
-        "audio_first",
-        "opus_first",
-        "aac_first",
-        "hevc_aac",
-        "rot270",
-    )
-    for fps in (0.5, 1.0, 2.5, 7.0)
-    for start, end in ((None, None), (0.37, 2.05), (1.0, None), (None, 2.55), (0.0, 9.0))
-] + [("odd", {"fps": 4.0}), ("bframes", {"fps": 40.0, "start": 0.52}), ("vfr", {"fps": 30.0, "start": 1.01})]
+LIVE = (
+    [
+        (name, {"fps": fps, "start": start, "end": end})
+        for name in (
+            "bframes",
+            "open_gops",
+            "vfr",
+            "late",
+            "late_mp4",
+            "audio_first",
+            "opus_first",
+            "aac_first",
+            "hevc_aac",
+            "rot270",
+        )
+        for fps in (0.5, 1.0, 2.5, 7.0)
+        for start, end in ((None, None), (0.37, 2.05), (1.0, None), (None, 2.55), (0.0, 9.0))
+    ]
+    + [("odd", {"fps": 4.0}), ("av1", {"fps": 2.5}), ("av1", {"fps": 7.0, "start": 0.37, "end": 1.55})]
+    + [("mov", {"fps": 2.5}), ("mov", {"fps": 7.0, "start": 0.5, "end": 1.7})]
+    + [("bframes", {"fps": 40.0, "start": 0.52}), ("vfr", {"fps": 30.0, "start": 1.01})]
+)
 
 
 @requires_ffmpeg
