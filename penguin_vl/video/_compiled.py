@@ -32,7 +32,9 @@ def _build() -> ctypes.CDLL:
     lib.penguin_keyframe_work_bytes.restype = _I64
     resize = [_P, _P, _P, _I32]  # first taps, tap counts, weights, most taps
     compare = [_P, _P, _P, _F64, _F64, _P, _P]  # key, its squares, squares, threshold, margin, counts, close
-    lib.penguin_keyframe_patches.argtypes = [_P, _I64, _I32, _I32, _I32, _I32, *resize, *resize, _P, _P, *compare]
+    lib.penguin_keyframe_prepare.argtypes = [_I32, _I32, *resize, _P]
+    lib.penguin_keyframe_prepare.restype = _I32
+    lib.penguin_keyframe_patches.argtypes = [_P, _I64, _I32, _I32, _I32, _I32, *resize, *resize, _P, _I32, _P, *compare]
     lib.penguin_keyframe_patches.restype = _I64
     return lib
 

@@ -216,10 +216,10 @@ class KeyFrameTyper:
             # the kernel's fixed arguments, once: each `.ctypes` look-up makes Python objects, and
             # enough of them per frame wake the garbage collector, whose passes over torch's many
             # objects cost more than the kernel
-            self._resize_args = (
-                rh, rw, _pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1],
-                _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1], self._work.ctypes.data + aligned,
-            )  # fmt: skip
+            work = self._work.ctypes.data + aligned
+            h_args = (_pointer(hf), _pointer(hc), _pointer(hw), hw.shape[1])
+            permute = self._lib.penguin_keyframe_prepare(in_w, rw, *h_args, work)
+            self._resize_args = (rh, rw, *h_args, _pointer(vf), _pointer(vc), _pointer(vw), vw.shape[1], work, permute)
             self._pointers = [(_pointer(b), _pointer(n)) for b, n in zip(self._buffers, self._norms, strict=True)]
             self._outputs = (_pointer(self._counts), _pointer(self._close))
 

@@ -386,11 +386,30 @@ static void hsv_planar(const uint8_t *restrict R, const uint8_t *restrict G, con
     }
 }
 
+/* The permute path's table, at the start of the work buffer: bytes, rounded to a cache line. */
+static int64_t table_bytes(int32_t out_w, int32_t h_taps) {
+    const int64_t groups = (3 * (int64_t)out_w + 15) / 16;
+    return (4 * groups * (1 + 32 * (int64_t)h_taps) + 63) / 64 * 64;
+}
+
 /* The work buffer penguin_keyframe_patches needs, in bytes. */
 int64_t penguin_keyframe_work_bytes(int32_t width, int32_t out_w, int32_t h_taps, int32_t v_taps) {
-    const int64_t out_n = 3 * (int64_t)out_w, ring = v_taps + LANES, groups = (out_n + 15) / 16;
+    const int64_t out_n = 3 * (int64_t)out_w, ring = v_taps + LANES;
     const int64_t floats = ring * out_n + LANES * 3 * (int64_t)width + LANES * out_n;
-    return 4 * floats + 3 * (out_n + 64) + 64 + 8 * (int64_t)v_taps + 4 * groups * (1 + 32 * (int64_t)h_taps);
+    return table_bytes(out_w, h_taps) + 4 * floats + 3 * (out_n + 64) + 64 + 8 * (int64_t)v_taps;
+}
+
+/* Once per frame size, before penguin_keyframe_patches: the permute path's table in `work`. Returns
+ * 1 where the horizontal pass takes the permutes, 0 where it takes the lanes (or there is none). */
+int32_t penguin_keyframe_prepare(int32_t width, int32_t out_w, const int32_t *h_first, const int32_t *h_count,
+                                 const float *h_weights, int32_t h_taps, uint8_t *work) {
+#ifdef __AVX512F__
+    return width != out_w && h_taps <= FUSED_TAPS &&
+           permute_table(width, out_w, h_first, h_count, h_weights, h_taps, (int32_t *)work);
+#else
+    (void)width, (void)out_w, (void)h_first, (void)h_count, (void)h_weights, (void)h_taps, (void)work;
+    return 0;
+#endif
 }
 
 static void dots(const uint8_t *restrict a, const uint8_t *restrict b, int32_t length, int32_t *ab, int32_t *bb) {
@@ -474,8 +493,9 @@ static void compare(Tally *t, const uint8_t *patches, int64_t first, int64_t cou
 }
 
 /* src: uint8 [height][width][3], rows `stride` bytes apart; work: penguin_keyframe_work_bytes,
- * 64-byte aligned; patches: uint8 [out_h / PATCH][out_w / PATCH][3][PATCH][PATCH], the HSV values
- * (H 0..179, S, V) in the reference's patch order.
+ * 64-byte aligned, prepared by penguin_keyframe_prepare (`permute`: what it returned); patches:
+ * uint8 [out_h / PATCH][out_w / PATCH][3][PATCH][PATCH], the HSV values (H 0..179, S, V) in the
+ * reference's patch order.
  * With `squares`, each band of patches is also compared, while it is in cache, with the last key
  * frame's (`key`, NULL for none): squares[i] is patch i's squared norm (its dot products are exact,
  * at most 588 * 255^2, inside int32); counts[0] the patches left in (not both all black), counts[1]
@@ -485,13 +505,15 @@ static void compare(Tally *t, const uint8_t *patches, int64_t first, int64_t cou
 int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t height, int32_t width, int32_t out_h,
                                  int32_t out_w, const int32_t *h_first, const int32_t *h_count, const float *h_weights,
                                  int32_t h_taps, const int32_t *v_first, const int32_t *v_count,
-                                 const float *v_weights, int32_t v_taps, uint8_t *work, uint8_t *patches,
+                                 const float *v_weights, int32_t v_taps, uint8_t *work, int32_t permute,
+                                 uint8_t *patches,
                                  const uint8_t *key, const int32_t *key_squares, int32_t *squares, double threshold,
                                  double margin, int64_t *counts, int64_t *close) {
     Tally tally = {key, key_squares, squares, close, threshold, margin, 0, 0, 0};
     const int32_t out_n = 3 * out_w, ring = v_taps + LANES;
     const int horizontal = width != out_w, vertical_pass = height != out_h;
-    float *mid = (float *)work;                       /* ring of rows after the horizontal pass, interleaved */
+    const int32_t *table = (const int32_t *)work;    /* the permute path's, from penguin_keyframe_prepare */
+    float *mid = (float *)(work + table_bytes(out_w, h_taps)); /* ring of rows after the horizontal pass */
     float *block = mid + (int64_t)ring * out_n;       /* lane path: [width][3][LANES] */
     float *done = block + (int64_t)LANES * 3 * width; /* lane path: [out_w][3][LANES] */
     uint8_t *rgb = (uint8_t *)(done + (int64_t)LANES * out_n); /* one output row, interleaved */
@@ -499,13 +521,9 @@ int64_t penguin_keyframe_patches(const uint8_t *src, int64_t stride, int32_t hei
     uint8_t *hsv = planes + out_n + 64;                        /* [3][out_w] */
     const int64_t bytes_used = (hsv + out_n + 64) - work;
     const void **taps = (const void **)(work + (bytes_used + 63) / 64 * 64); /* the vertical pass's rows */
-    int32_t *table = (int32_t *)(taps + v_taps); /* the permute path's indices and weights */
     const int32_t grid_w = out_w / PATCH, area = PATCH * PATCH;
-#ifdef __AVX512F__
-    const int permute =
-        horizontal && h_taps <= FUSED_TAPS && permute_table(width, out_w, h_first, h_count, h_weights, h_taps, table);
-#else
-    (void)table;
+#ifndef __AVX512F__
+    (void)table, (void)permute;
 #endif
     int32_t made = 0; /* rows of the horizontal pass made so far */
     for (int32_t i = 0; i < out_h; i++) {
