@@ -84,11 +84,6 @@ def _decord_window(path: str, fps: float, max_frames: int, start: float, end: fl
     # load_video_from_ids for a video file (video files only: GIFs and folders never reach ffmpeg)
     import decord
 
-    start, end = max(start, 0.0), max(end, 0.0)
-    if start > end:
-        start, end = end, start
-    elif start == end:
-        end = start + 1
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=2)
     rate, count = reader.get_avg_fps(), len(reader)
     sampled = reference_frame_sample(count, rate, fps, max_frames, start, end)

@@ -177,9 +177,16 @@ def _ffmpeg_frames(path: str, fps: float, start: float | None, end: float | None
 def reference_frame_sample(
     count: int, vid_fps: float, fps: float, max_frames: int, start: float | None, end: float | None
 ) -> list[int]:
-    """The frames ``load_video_from_ids`` picks of ``count`` read at ``vid_fps``: the window's frames,
-    then ``frame_sample`` (every ``vid_fps // fps``-th from the middle of the first segment, or
-    ``linspace`` when that would pass ``max_frames``)."""
+    """The frames ``load_video_from_ids`` picks of ``count`` read at ``vid_fps``: the window's frames
+    (negative times at 0, a reversed window swapped, an empty one made a second long), then
+    ``frame_sample`` (every ``vid_fps // fps``-th from the middle of the first segment, or ``linspace``
+    when that would pass ``max_frames``)."""
+    if start is not None and end is not None:
+        start, end = max(start, 0.0), max(end, 0.0)
+        if start > end:
+            start, end = end, start
+        elif start == end:
+            end = start + 1
     f_start = 0 if start is None else max(int(start * vid_fps) - 1, 0)
     f_end = count - 1 if end is None else min(int(end * vid_fps) - 1, count - 1)
     indices = list(range(f_start, f_end + 1))
@@ -196,12 +203,6 @@ def reference_frame_sample(
 
 def _index_frames(path: str, fps: float, max_frames: int, start, end):
     # load_video_from_ids: folders at 3 fps, GIFs at 25, short windows of videos at their average rate
-    if start is not None and end is not None:
-        start, end = max(start, 0.0), max(end, 0.0)
-        if start > end:
-            start, end = end, start
-        elif start == end:
-            end = start + 1
     if os.path.isdir(path):
         import cv2
 
